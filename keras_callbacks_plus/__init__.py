@@ -1,0 +1,11 @@
+"""Reusable Keras 3 callbacks for fine-tuning and data-parallel training.
+
+Works with the TensorFlow and JAX backends; never imports PyTorch.
+"""
+
+from keras_callbacks_plus import distribute
+from keras_callbacks_plus.distribute import copy_weights, data_parallel
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["__version__", "copy_weights", "data_parallel", "distribute"]

@@ -1,0 +1,71 @@
+"""Shared fixtures: backend and device setup, a tiny model factory, a process launcher.
+
+The suite runs once per backend (`KERAS_BACKEND=tensorflow`, then `jax`). This
+file runs before keras is imported, so it can give each backend two CPU
+devices: two logical CPUs on TensorFlow, two host devices on JAX.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+BACKEND = os.environ["KERAS_BACKEND"]
+NUM_TEST_DEVICES = 2
+
+if BACKEND == "jax":
+    _flag = f"--xla_force_host_platform_device_count={NUM_TEST_DEVICES}"
+    if _flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+elif BACKEND == "tensorflow":
+    import tensorflow as tf
+
+    _cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        _cpu, [tf.config.LogicalDeviceConfiguration()] * NUM_TEST_DEVICES
+    )
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import (  # noqa: E402
+    WorkerResult,
+    build_tiny_model,
+    launch_workers,
+    make_tiny_data,
+)
+
+
+@pytest.fixture
+def tiny_model() -> Callable[..., keras.Model]:
+    """Factory of small real models (see `build_tiny_model`)."""
+    return build_tiny_model
+
+
+@pytest.fixture
+def tiny_data() -> tuple[np.ndarray, np.ndarray]:
+    return make_tiny_data()
+
+
+@pytest.fixture
+def two_devices() -> list[str]:
+    """Two CPU devices of this process: logical CPUs (TF) or host devices (JAX)."""
+    from keras_callbacks_plus import distribute
+
+    devices = distribute.list_devices("cpu")
+    assert len(devices) >= NUM_TEST_DEVICES, (
+        f"conftest set up {NUM_TEST_DEVICES} CPU devices, the backend shows {devices}"
+    )
+    return devices[:NUM_TEST_DEVICES]
+
+
+@pytest.fixture
+def launch() -> Callable[..., list[WorkerResult]]:
+    """The multi-process launcher (see `launch_workers`)."""
+    return launch_workers

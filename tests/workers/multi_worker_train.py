@@ -1,0 +1,53 @@
+"""One worker of a multi-worker training run, started by tests/test_distribute.py.
+
+Reads KCP_WORKER_ADDRESSES and KCP_WORKER_INDEX, trains the tiny model on this
+worker's own data shard through `data_parallel`, and prints one JSON line.
+"""
+
+import hashlib
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from keras_callbacks_plus import distribute  # noqa: E402
+
+addresses = os.environ["KCP_WORKER_ADDRESSES"].split(",")
+index = int(os.environ["KCP_WORKER_INDEX"])
+# First thing in the program, before the backend computes anything.
+distribute.multi_worker_strategy(addresses, index)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers import build_tiny_model, make_tiny_data  # noqa: E402
+
+
+def digest(model):
+    return hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in model.get_weights())).hexdigest()
+
+
+template = build_tiny_model(batch_norm=True, seed=0)
+initial = digest(template)
+x, y = make_tiny_data(64, seed=100 + index)  # this worker's own shard
+twin = distribute.data_parallel(template)
+twin.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+history = twin.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+distribute.barrier()
+distribute.copy_weights(twin, template)
+distribute.barrier()
+print(
+    json.dumps(
+        {
+            "index": index,
+            "is_chief": distribute.is_chief(),
+            "worker_index": distribute.worker_index(),
+            "num_workers": distribute.num_workers(),
+            "initial": initial,
+            "final": digest(template),
+            "loss": [float(v) for v in history.history["loss"]],
+        }
+    )
+)
