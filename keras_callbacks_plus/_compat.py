@@ -99,31 +99,3 @@ def patch_multi_worker_fit() -> None:
     tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
     logger.debug("Patched Keras %s for multi-worker fit (%s).", keras_version(), MULTI_WORKER_ISSUE)
 
-
-def adopt_jax_variables(variables, distribution) -> None:
-    """Re-lays out JAX variables created outside `distribution` onto its mesh.
-
-    An optimizer or metric instance built before `data_parallel` (say
-    `compile(optimizer=keras.optimizers.SGD(0.1))`) owns variables on one
-    device, and the twin's jitted step then fails with "Received
-    incompatible devices for jitted computation". Keras 3.15 has no public
-    way to re-shard an existing variable, so this sets the private layout the
-    variable would have received inside the distribution's scope and assigns
-    its value again, which distributes it.
-
-    Raises:
-        RuntimeError: this Keras's JAX variables lack the attributes used.
-    """
-    for variable in variables:
-        if not hasattr(variable, "_layout") or not hasattr(variable, "_initialize_layout"):
-            raise RuntimeError(
-                f"Cannot move variable {variable.path!r} onto the data-parallel "
-                f"devices with Keras {keras_version()}. Pass the optimizer and "
-                "metrics to compile() as strings, or create them inside "
-                "`with distribution.scope():`."
-            )
-        if variable._layout is not None:
-            continue
-        with distribution.scope():
-            variable._initialize_layout()
-            variable.assign(variable.value)

@@ -268,19 +268,61 @@ def _predict_padded(method, replicas):
     return predict
 
 
-def _adopt_compiled_state(twin, distribution, args, kwargs) -> None:
-    """Moves the variables of optimizer and metric objects made outside the scope."""
-    bound = inspect.signature(keras.Model.compile).bind_partial(twin, *args, **kwargs).arguments
-    metrics = [
-        m
-        for key in ("metrics", "weighted_metrics")
-        for m in keras.tree.flatten(bound.get(key) or [])
-        if isinstance(m, keras.metrics.Metric)
-    ]
-    variables = list(twin.optimizer.variables) if twin.optimizer is not None else []
-    for metric in metrics:
-        variables.extend(metric.variables)
-    _compat.adopt_jax_variables(variables, distribution)
+def _recreate(obj, kind: str):
+    """A state-free copy of a metric or unbuilt optimizer, made from its config."""
+    try:
+        copy = obj.__class__.from_config(obj.get_config())
+    except Exception as error:
+        raise ValueError(
+            f"The {kind} {type(obj).__name__} given to the data-parallel twin's "
+            "compile() was created outside the twin's devices and cannot be "
+            f"re-created from its config ({error}). Pass it by name, or give "
+            "it a get_config() that covers its constructor arguments."
+        ) from error
+    return copy
+
+
+def _twin_optimizer(optimizer):
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        return optimizer
+    if optimizer.built:
+        raise ValueError(
+            "The optimizer given to the data-parallel twin's compile() already "
+            "holds state for other variables. Pass a new optimizer (or its name)."
+        )
+    copy = _recreate(optimizer, "optimizer")
+    copy.iterations.assign(optimizer.iterations)
+    return copy
+
+
+def _compile_in_scope(method, distribution):
+    """`compile` that re-creates optimizer and metric objects on the twin's devices.
+
+    Objects made before (outside) the twin's strategy or distribution own
+    variables on one device, which the replicated step cannot use
+    (TensorFlow: "Mixing different tf.distribute.Strategy objects"; JAX:
+    "incompatible devices"). Before their first step they hold no state but
+    their configuration, so a copy from `get_config()` is the same object.
+    """
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def compile(*args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs)
+        with distribution.scope():
+            if "optimizer" in bound.arguments:
+                bound.arguments["optimizer"] = _twin_optimizer(bound.arguments["optimizer"])
+            for key in ("metrics", "weighted_metrics"):
+                if bound.arguments.get(key) is not None:
+                    bound.arguments[key] = keras.tree.map_structure(
+                        lambda m: _recreate(m, "metric")
+                        if isinstance(m, keras.metrics.Metric)
+                        else m,
+                        bound.arguments[key],
+                    )
+            return method(*bound.args, **bound.kwargs)
+
+    return compile
 
 
 def _bind_to_distribution(twin: keras.Model, distribution, replicas: int) -> None:
@@ -296,15 +338,16 @@ def _bind_to_distribution(twin: keras.Model, distribution, replicas: int) -> Non
         if jax and name == "predict":
             method = _predict_padded(method, replicas)
 
+        if name == "compile":
+            object.__setattr__(twin, name, _compile_in_scope(method, distribution))
+            continue
+
         @functools.wraps(method)
         def run_in_scope(*args, _method=method, _check=check, **kwargs):
             if _check is not None:
                 _check(args, kwargs)
             with distribution.scope():
-                result = _method(*args, **kwargs)
-            if jax and _method.__name__ == "compile":
-                _adopt_compiled_state(twin, distribution, args, kwargs)
-            return result
+                return _method(*args, **kwargs)
 
         object.__setattr__(twin, name, run_in_scope)
 
@@ -319,6 +362,10 @@ def data_parallel(model: keras.Model, devices: Sequence[Any] | None = None) -> k
     twin as usual; `batch_size` is the global batch, split across replicas.
     The template is not touched by training; bring the trained weights back
     with `copy_weights(twin, model)` (ParallelModelCheckpoint does it for you).
+
+    Optimizer and metric objects passed to the twin's `compile()` are
+    re-created from their config on the twin's devices (before training they
+    hold no other state), so `twin.optimizer` is a copy of the one passed.
 
     After `multi_worker_strategy()`, the twin spans every worker.
 
