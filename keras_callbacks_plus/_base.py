@@ -48,12 +48,24 @@ class PlusCallback(keras.callbacks.Callback):
         if self in siblings:
             siblings.remove(self)
 
-    def get_state(self) -> dict[str, Any]:
-        """Returns this callback's state as a JSON-able dict (resume support)."""
+    def get_state(self, directory: str | None = None) -> dict[str, Any]:
+        """Returns this callback's state as a JSON-able dict (resume support).
+
+        Args:
+            directory: a folder where the callback may write files that its
+                state refers to (for example best weights), by paths relative
+                to it. ParallelModelCheckpoint passes its checkpoint's folder.
+                Defaults to `None`: no files; such parts are left out.
+        """
         return {}
 
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Restores a state returned by `get_state()`."""
+    def set_state(self, state: dict[str, Any], directory: str | None = None) -> None:
+        """Restores a state returned by `get_state()`; `.get` defaults keep old states loading.
+
+        Args:
+            state: the dict `get_state()` returned.
+            directory: the folder its relative paths refer to. Defaults to `None`.
+        """
 
     def on_unfreeze_stage(self, stage: int, epoch: int, layers: list[str]) -> None:
         """Hook: ProgressiveUnfreezing started `stage` at `epoch`, unfreezing `layers`.

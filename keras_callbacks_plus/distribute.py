@@ -30,6 +30,7 @@ import numpy as np
 from keras_callbacks_plus import _compat
 
 __all__ = [
+    "any_worker",
     "barrier",
     "copy_weights",
     "data_parallel",
@@ -664,3 +665,25 @@ def barrier() -> None:
     strategy = _multi_worker if _multi_worker is not None else tf.distribute.get_strategy()
     ones = strategy.run(lambda: tf.constant(1.0))
     strategy.reduce("SUM", ones, axis=None).numpy()
+
+
+def any_worker(flag: bool) -> bool:
+    """Returns True on every worker if `flag` is True on any worker.
+
+    Lets all workers take the same decision (stop, save, skip) at the same
+    step. A collective: every worker must call it at the same point. Returns
+    `flag` itself on one worker.
+    """
+    if num_workers() <= 1:
+        return bool(flag)
+    if _backend() == "jax":
+        from jax.experimental import multihost_utils
+
+        gathered = multihost_utils.process_allgather(np.asarray([int(bool(flag))], np.int32))
+        return bool(np.asarray(gathered).max())
+    import tensorflow as tf
+
+    strategy = _multi_worker if _multi_worker is not None else tf.distribute.get_strategy()
+    value = float(bool(flag))
+    votes = strategy.run(lambda: tf.constant(value))
+    return bool(strategy.reduce("SUM", votes, axis=None).numpy() > 0)

@@ -194,6 +194,7 @@ def test_single_process_roles(two_devices, tiny_model):
     twin = data_parallel(tiny_model(), devices=two_devices)
     assert (distribute.is_chief(), distribute.worker_index(), distribute.num_workers()) == (True, 0, 1)
     distribute.barrier()  # returns at once with one worker
+    assert distribute.any_worker(True) is True and distribute.any_worker(False) is False
     if BACKEND == "tensorflow":
         with twin.distribute_strategy.scope():
             assert (distribute.is_chief(), distribute.num_workers()) == (True, 1)
@@ -218,6 +219,8 @@ def test_two_workers_train_identically(launch):
     assert reports[0]["final"] != reports[0]["initial"]  # training happened
     assert reports[0]["final"] == reports[1]["final"]  # and stayed in sync
     assert reports[0]["loss"] == reports[1]["loss"]
+    # A flag raised on worker 1 only is seen by both; a flag raised nowhere by none.
+    assert [r["any_worker"] for r in reports] == [[True, False], [True, False]]
 
 
 def test_multi_worker_refuses_an_untested_keras(monkeypatch):

@@ -38,6 +38,7 @@ history = twin.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
 distribute.barrier()
 distribute.copy_weights(twin, template)
 distribute.barrier()
+votes = [distribute.any_worker(index == 1), distribute.any_worker(False)]
 print(
     json.dumps(
         {
@@ -47,6 +48,7 @@ print(
             "num_workers": distribute.num_workers(),
             "initial": initial,
             "final": digest(template),
+            "any_worker": votes,
             "loss": [float(v) for v in history.history["loss"]],
         }
     )
