@@ -16,6 +16,7 @@ statistics are global already. Either way, training the twin with
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -40,6 +41,8 @@ __all__ = [
     "num_replicas",
     "num_workers",
     "replica_divergence",
+    "scope",
+    "single_device_copy",
     "worker_index",
 ]
 
@@ -439,6 +442,52 @@ def num_replicas(model: keras.Model) -> int:
     """Returns how many replicas a `data_parallel` twin trains on (1 for any other model)."""
     distribution = getattr(model, _TWIN_ATTR, None)
     return 1 if distribution is None else _num_replicas(distribution)
+
+
+def scope(model: keras.Model):
+    """The context a twin's own variables are made in; a no-op for other models.
+
+    Use it to create state for a twin outside its methods, for example
+    `with distribute.scope(twin): twin.optimizer.build(twin.trainable_variables)`.
+    """
+    distribution = getattr(model, _TWIN_ATTR, None)
+    return contextlib.nullcontext() if distribution is None else distribution.scope()
+
+
+def single_device_copy(model: keras.Model | dict[str, Any]) -> keras.Model:
+    """Returns a copy of a model's architecture on the CPU, outside any strategy.
+
+    The copy has fresh weights (use `copy_weights`) and undoes what
+    `data_parallel` changed for replicas (synchronized batch statistics), so
+    it saves a file that loads anywhere. Call it where no strategy or
+    distribution scope is active, such as a background thread (both are
+    thread-local).
+
+    Args:
+        model: a built model (a twin or not), or its
+            `keras.saving.serialize_keras_object(model)` (safe to pass to
+            another thread while the model trains).
+
+    Returns:
+        The new model, its variables on the host CPU.
+    """
+    if _backend() == "tensorflow":
+        import tensorflow as tf
+
+        device = tf.device("/cpu:0")
+    else:
+        import jax
+
+        device = jax.default_device(jax.local_devices(backend="cpu")[0])
+    with device:
+        if isinstance(model, dict):
+            copy = keras.saving.deserialize_keras_object(model)
+        else:
+            copy = _clone(model)
+    for layer in _sublayers(copy):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = False
+    return copy
 
 
 def copy_weights(source: keras.Model, target: keras.Model) -> None:
