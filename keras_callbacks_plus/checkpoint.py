@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import keras
 import numpy as np
 
-from keras_callbacks_plus import _files, distribute
+from keras_callbacks_plus import _files, _optimizers, distribute
 from keras_callbacks_plus._async import AsyncWriter
 from keras_callbacks_plus._base import PlusCallback, callbacks_of
 from keras_callbacks_plus._monitor import Monitor
@@ -317,11 +317,14 @@ class ParallelModelCheckpoint(PlusCallback):
             if self.template_model is not None:
                 self.template_model.set_weights(weights)
             return
+        record["trainable"] = _optimizers.trainable_flags(model)
         # Before its first step an optimizer holds nothing a fresh one lacks.
         optimizer = None
         if not self.save_weights_only and getattr(model, "optimizer", None) is not None:
             if model.optimizer.built:
-                optimizer = _host_copy(model.optimizer.variables)
+                optimizer = dict(
+                    zip(_optimizers.state_keys(model.optimizer), _host_copy(model.optimizer.variables))
+                )
         if self._shadow is None and self._shadow_recipe is None:
             # The writer thread must not touch the trained model (on JAX,
             # reading it syncs or races with the training state), so it gets
@@ -360,11 +363,10 @@ class ParallelModelCheckpoint(PlusCallback):
 
     def _write(self, target, weights, optimizer, record, doomed) -> None:
         """Runs on the writer thread, where no strategy scope is active."""
-        shadow = self._shadow_model(optimizer)
+        shadow = self._shadow_model(record["trainable"], optimizer)
         shadow.set_weights(weights)
         if optimizer is not None:
-            for variable, value in zip(shadow.optimizer.variables, optimizer):
-                variable.assign(value)
+            _optimizers.restore_optimizer_state(shadow, optimizer)
         if self.template_model is not None:
             self.template_model.set_weights(weights)
         save = shadow.save_weights if self.save_weights_only else shadow.save
@@ -382,11 +384,12 @@ class ParallelModelCheckpoint(PlusCallback):
         for path in doomed:
             _files.remove_checkpoint(path)
 
-    def _shadow_model(self, optimizer: list[np.ndarray] | None) -> keras.Model:
+    def _shadow_model(self, trainable: list[bool], optimizer: dict | None) -> keras.Model:
         """The CPU model that is written: a copy of the template (or the trained model).
 
-        It is compiled like the trained model, and its optimizer is built once
-        the trained one is, so that a `.keras` file carries the optimizer state.
+        It is compiled like the trained model and made trainable where the
+        trained one is now (ProgressiveUnfreezing changes that), so that a
+        `.keras` file carries the optimizer state as it is.
         """
         if self._shadow is None:
             model_config, compile_config = self._shadow_recipe
@@ -394,18 +397,9 @@ class ParallelModelCheckpoint(PlusCallback):
             if compile_config is not None:
                 shadow.compile_from_config(compile_config)
             self._shadow = shadow
-        shadow = self._shadow
-        if optimizer is not None:
-            if not shadow.optimizer.built and len(optimizer) > len(shadow.optimizer.variables):
-                shadow.optimizer.build(shadow.trainable_variables)
-            shapes = [tuple(v.shape) for v in shadow.optimizer.variables]
-            if shapes != [tuple(np.shape(v)) for v in optimizer]:
-                raise ValueError(
-                    "ParallelModelCheckpoint could not mirror the optimizer state of "
-                    f"the trained model on the saved model: {len(optimizer)} "
-                    f"variables, the saved model's optimizer has {len(shapes)}."
-                )
-        return shadow
+        if trainable != _optimizers.trainable_flags(self._shadow):
+            _optimizers.apply_trainable_flags(self._shadow, trainable)
+        return self._shadow
 
     # -- state -----------------------------------------------------------------
 
@@ -488,7 +482,19 @@ def resume(
     if str(path).endswith(".keras"):
         saved = keras.saving.load_model(path)
         distribute.copy_weights(saved, model)
-        _restore_optimizer(model, getattr(saved, "optimizer", None))
+        if record.get("trainable") is not None:
+            _optimizers.apply_trainable_flags(model, record["trainable"])
+        saved_optimizer = getattr(saved, "optimizer", None)
+        if saved_optimizer is not None and saved_optimizer.built:
+            if getattr(model, "optimizer", None) is None:
+                raise ValueError(
+                    f"resume() restores optimizer state, but model {model.name!r} is not "
+                    "compiled. Compile it (as for training) before resume()."
+                )
+            saved_state = _optimizers.optimizer_state(saved_optimizer)
+            _optimizers.restore_optimizer_state(
+                model, {k: keras.ops.convert_to_numpy(v) for k, v in saved_state.items()}
+            )
     else:
         model.load_weights(path)
     states = record.get("callbacks", {})
@@ -496,25 +502,3 @@ def resume(
         if key in states and hasattr(callback, "set_state"):
             callback.set_state(states[key], str(path.parent))
     return int(record.get("epoch", 0))
-
-
-def _restore_optimizer(model: keras.Model, saved_optimizer) -> None:
-    optimizer = getattr(model, "optimizer", None)
-    if saved_optimizer is None or not saved_optimizer.built:
-        return
-    if optimizer is None:
-        raise ValueError(
-            f"resume() restores optimizer state, but model {model.name!r} is not "
-            "compiled. Compile it (as for training) before resume()."
-        )
-    if not optimizer.built:
-        with distribute.scope(model):
-            optimizer.build(model.trainable_variables)
-    if len(optimizer.variables) != len(saved_optimizer.variables):
-        raise ValueError(
-            f"The checkpoint's optimizer has {len(saved_optimizer.variables)} variables, "
-            f"the optimizer of {model.name!r} has {len(optimizer.variables)}: compile "
-            "the model with the optimizer it was trained with."
-        )
-    for variable, value in zip(optimizer.variables, saved_optimizer.variables):
-        variable.assign(keras.ops.convert_to_numpy(value))

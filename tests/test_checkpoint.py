@@ -351,3 +351,59 @@ def test_two_workers_one_writer_identical_results(tmp_path, launch):
     loaded = keras.saving.load_model(tmp_path / "last.keras")
     x, _ = make_tiny_data(64)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), reports[0]["predictions"], atol=1e-6)
+
+
+class _UnfreezeHiddenAt(keras.callbacks.Callback):
+    """A minimal stage change: `hidden` becomes trainable at `epoch` (optimizer rebuilt)."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_train_begin(self, logs=None):
+        from keras_callbacks_plus import _optimizers
+
+        # Whatever resume() restored, the stage follows the epoch (as ProgressiveUnfreezing does).
+        self.model.get_layer("hidden").trainable = self.model._initial_epoch_seen >= self.epoch
+        if getattr(self.model.optimizer, "built", False):
+            _optimizers.rebuild_optimizer(self.model)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        from keras_callbacks_plus import _optimizers
+
+        if epoch == self.epoch:
+            self.model.get_layer("hidden").trainable = True
+            _optimizers.rebuild_optimizer(self.model)
+
+
+def test_resume_across_a_change_of_the_trainable_set(tmp_path, tiny_data):
+    """Frozen `hidden` for 2 epochs, then trainable: a resume at epoch 1 ends bit-identical."""
+    x, y = tiny_data
+    fit = dict(batch_size=32, shuffle=False, verbose=0)
+
+    def run(epochs, initial_epoch=0, checkpoint=None, model=None):
+        model = model or _resumable()
+        model._initial_epoch_seen = initial_epoch
+        if initial_epoch == 0:
+            model.get_layer("hidden").trainable = False
+        callbacks = [_UnfreezeHiddenAt(2)] + ([checkpoint] if checkpoint else [])
+        model.fit(x, y, epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks, **fit)
+        return model
+
+    keras.utils.set_random_seed(3)
+    straight = run(4)
+    keras.utils.set_random_seed(3)
+    run(3, checkpoint=ParallelModelCheckpoint(str(tmp_path / "m_{epoch}.keras")))
+    record = json.loads((tmp_path / "m_1.keras.json").read_text())
+    expected = _resumable()
+    expected.get_layer("hidden").trainable = False
+    assert record["trainable"] == [
+        any(v is w for w in expected.trainable_variables) for v in expected.weights
+    ]
+
+    resumed = _resumable(seed=42)
+    assert resume(resumed, tmp_path / "m_1.keras") == 1
+    assert not resumed.get_layer("hidden").trainable_weights  # frozen again, as saved
+    run(4, initial_epoch=1, model=resumed)
+    for a, b in zip(straight.get_weights(), resumed.get_weights()):
+        np.testing.assert_array_equal(a, b)

@@ -1,0 +1,135 @@
+"""Re-building a model's optimizer over a new trainable set, keeping its state.
+
+Keras builds an optimizer once, for the variables trainable at that time;
+after `layer.trainable` changes mid-`fit`, TensorFlow raises "This optimizer
+can only be called for the variables it was originally built with" and JAX
+fails on a shape mismatch. The fix: a fresh optimizer from the old one's
+config, built over the new trainable set, given every state variable of the
+old one that still applies (iteration count, learning rate, the slots of the
+variables trainable before), matched by path; then a new train function.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import keras
+
+from keras_callbacks_plus import distribute
+
+
+def state_keys(optimizer) -> list[str]:
+    """Names of `optimizer.variables` that survive re-creating the optimizer.
+
+    A variable's path starts with its optimizer's name, which Keras makes
+    unique per instance (`adam`, `adam_1`, ...); a wrapper such as
+    LossScaleOptimizer holds variables under two names. The key replaces each
+    name by its rank (`0/iteration`, `1/model_dense_kernel_momentum`); the
+    rest of the path names the model variable a slot belongs to.
+    """
+    ranks: dict[str, int] = {}
+    keys = []
+    for variable in optimizer.variables:
+        prefix, _, rest = variable.path.partition("/")
+        keys.append(f"{ranks.setdefault(prefix, len(ranks))}/{rest}")
+    return keys
+
+
+def optimizer_state(optimizer) -> dict[str, object]:
+    """`{state key: variable}` of a built optimizer."""
+    return dict(zip(state_keys(optimizer), optimizer.variables))
+
+
+def copy_optimizer_state(source, target) -> list[str]:
+    """Assigns each variable of `target` the value of `source`'s variable with the same key.
+
+    Slot variables are named after the model variable they belong to, so the
+    slots of a variable trainable in both go across; new ones keep their
+    fresh values. Returns the keys copied.
+    """
+    values = optimizer_state(source)
+    copied = []
+    for key, variable in optimizer_state(target).items():
+        value = values.get(key)
+        if value is not None and tuple(value.shape) == tuple(variable.shape):
+            variable.assign(keras.ops.convert_to_numpy(value))
+            copied.append(key)
+    return copied
+
+
+def trainable_signature(model: keras.Model) -> tuple[str, ...]:
+    """The paths of `model`'s trainable variables: equal signatures need no rebuild."""
+    return tuple(v.path for v in model.trainable_variables)
+
+
+def rebuild_optimizer(
+    model: keras.Model,
+    make: Callable[[keras.optimizers.Optimizer], keras.optimizers.Optimizer] | None = None,
+) -> keras.optimizers.Optimizer:
+    """Gives `model` a new optimizer over its current trainable variables, keeping state.
+
+    Args:
+        model: a compiled model (a data-parallel twin or not) whose
+            trainable set changed.
+        make: builds the new, unbuilt optimizer from the old one. Defaults
+            to `None`: the same class from the old one's config.
+
+    Returns:
+        The new optimizer, now `model.optimizer`.
+    """
+    old = model.optimizer
+    if old is None:
+        raise ValueError(f"Model {model.name!r} is not compiled: it has no optimizer to rebuild.")
+    new = make(old) if make is not None else old.__class__.from_config(old.get_config())
+    with distribute.scope(model):
+        new.build(model.trainable_variables)
+    if old.built:
+        copy_optimizer_state(old, new)
+    else:
+        new.iterations.assign(keras.ops.convert_to_numpy(old.iterations))
+    model.optimizer = new
+    model.make_train_function(force=True)
+    return new
+
+
+def trainable_flags(model: keras.Model) -> list[bool]:
+    """For each of `model.weights`, whether it is trainable now."""
+    trainable = {id(v) for v in model.trainable_variables}
+    return [id(v) in trainable for v in model.weights]
+
+
+def apply_trainable_flags(model: keras.Model, flags: list[bool]) -> None:
+    """Makes exactly the weights flagged True trainable (variable-level flags)."""
+    if len(flags) != len(model.weights):
+        raise ValueError(
+            f"Expected {len(model.weights)} trainable flags for model {model.name!r}. "
+            f"Received: {len(flags)}"
+        )
+    model.trainable = True  # layer flags would hide variable flags
+    for variable, flag in zip(model.weights, flags):
+        variable.trainable = bool(flag)
+
+
+def restore_optimizer_state(model: keras.Model, values: dict[str, object]) -> None:
+    """Puts saved optimizer values (by state key) into `model.optimizer`, building it as needed.
+
+    Raises:
+        ValueError: some saved variable has no counterpart in the model's
+            optimizer (a different optimizer, or another trainable set).
+    """
+    optimizer = model.optimizer
+    if not optimizer.built:
+        with distribute.scope(model):
+            optimizer.build(model.trainable_variables)
+    if not set(values) <= set(state_keys(optimizer)):
+        optimizer = rebuild_optimizer(model)
+    targets = optimizer_state(optimizer)
+    missing = set(values) - set(targets)
+    if missing:
+        raise ValueError(
+            f"The saved optimizer state does not fit the optimizer of model {model.name!r}: "
+            f"no variable for {sorted(missing)[:3]}. Compile the model with the optimizer "
+            "it was trained with."
+        )
+    for key, value in values.items():
+        targets[key].assign(value)
