@@ -5,11 +5,13 @@ Works with the TensorFlow and JAX backends; never imports PyTorch.
 
 from keras_callbacks_plus import distribute
 from keras_callbacks_plus.checkpoint import ParallelModelCheckpoint, resume
+from keras_callbacks_plus.data import HDF5Sequence
 from keras_callbacks_plus.distribute import copy_weights, data_parallel
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "HDF5Sequence",
     "ParallelModelCheckpoint",
     "__version__",
     "copy_weights",
