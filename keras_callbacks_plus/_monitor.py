@@ -10,6 +10,8 @@ import math
 import warnings
 from typing import Any
 
+import numpy as np
+
 _MODES = ("auto", "min", "max")
 # Metric names (without "val_") that grow when the model gets better.
 _UP_NAMES = (
@@ -131,7 +133,14 @@ class Monitor:
                 warnings.warn(message, stacklevel=3)
                 self._warned_missing = True
             return None
-        return float(logs[self.monitor])
+        value = np.asarray(logs[self.monitor])
+        if value.size != 1:
+            raise ValueError(
+                f"{self.owner} is monitoring {self.monitor!r}, which is not a single "
+                f"number: its value has shape {value.shape}. Monitor a scalar metric "
+                "(for example an average over classes)."
+            )
+        return float(value.reshape(()))  # F1Score and others log shape (1,)
 
 
 def _model_metrics(model):

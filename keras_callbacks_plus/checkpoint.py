@@ -168,6 +168,7 @@ class ParallelModelCheckpoint(PlusCallback):
         self._restored: dict[str, Any] | None = None
         self._shadow: keras.Model | None = None
         self._shadow_recipe: tuple[dict, dict | None] | None = None
+        self._to_refresh: tuple | None = None
         self._keys_checked = False
         if save_freq != "epoch":
             # Only then does Keras see a batch hook (and give up async dispatch).
@@ -208,11 +209,13 @@ class ParallelModelCheckpoint(PlusCallback):
                 raise ValueError(f"Invalid value for argument template_model: {error}") from None
         self._shadow = None
         self._shadow_recipe = None
+        self._to_refresh = None
         if distribute.is_chief():
             self._check_writable()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+        self._refresh_states()
 
     def _on_train_batch_end(self, batch, logs=None):
         self._batches_seen += 1
@@ -225,6 +228,7 @@ class ParallelModelCheckpoint(PlusCallback):
 
     def on_train_end(self, logs=None):
         try:
+            self._refresh_states()
             self._writer.wait_until_finished()
         finally:
             super().on_train_end(logs)
@@ -334,12 +338,33 @@ class ParallelModelCheckpoint(PlusCallback):
                 keras.saving.serialize_keras_object(self.template_model or model),
                 model.get_compile_config() if compiled else None,
             )
-        siblings = callbacks_of(model)
-        record["callbacks"] = dict(
-            zip(_state_keys(siblings), (cb.get_state(str(self.directory)) for cb in siblings))
-        )
+        siblings = callbacks_of(model)  # all registered by now, none gone yet
+        record["callbacks"] = self._sibling_states(siblings)
+        written: list[tuple[Path, os.stat_result]] = []
+        main = target if write_main else None
         self._writer.submit(
-            lambda: self._write(target if write_main else None, weights, optimizer, record, doomed)
+            lambda: written.extend(self._write(main, weights, optimizer, dict(record), doomed))
+        )
+        if batch is None:
+            # Callbacks listed after this one have not seen this epoch's end yet;
+            # their new states go into the sidecar at the next epoch or train end.
+            self._to_refresh = (written, record, siblings)
+
+    def _sibling_states(self, siblings: list[PlusCallback]) -> dict[str, Any]:
+        return dict(zip(_state_keys(siblings), (cb.get_state(str(self.directory)) for cb in siblings)))
+
+    def _refresh_states(self) -> None:
+        """Rewrites the last epoch's sidecars if a callback's state changed since the save."""
+        if self._to_refresh is None:
+            return
+        written, record, siblings = self._to_refresh
+        self._to_refresh = None
+        states = self._sibling_states(siblings)
+        if states == record["callbacks"]:
+            return
+        updated = {**record, "callbacks": states}
+        self._writer.submit(
+            lambda: [_files.write_sidecar(path, stat, updated) for path, stat in written]
         )
 
     def _keep(self, target: Path, value: float | None, epoch: int) -> list[str]:
@@ -361,8 +386,8 @@ class ParallelModelCheckpoint(PlusCallback):
         self._kept = [k for k in self._kept if k in keep]
         return doomed
 
-    def _write(self, target, weights, optimizer, record, doomed) -> None:
-        """Runs on the writer thread, where no strategy scope is active."""
+    def _write(self, target, weights, optimizer, record, doomed) -> list[tuple[Path, os.stat_result]]:
+        """Runs on the writer thread, where no strategy scope is active; returns what it wrote."""
         shadow = self._shadow_model(record["trainable"], optimizer)
         shadow.set_weights(weights)
         if optimizer is not None:
@@ -370,19 +395,21 @@ class ParallelModelCheckpoint(PlusCallback):
         if self.template_model is not None:
             self.template_model.set_weights(weights)
         save = shadow.save_weights if self.save_weights_only else shadow.save
+        written = []
         if target is not None:
             target.parent.mkdir(parents=True, exist_ok=True)
-            stat = _files.write_atomic(target, lambda tmp: save(str(tmp)))
-            _files.write_sidecar(target, stat, record)
+            written.append((target, _files.write_atomic(target, lambda tmp: save(str(tmp)))))
         if self.save_last:
             last = self.last_path
             if target is not None:
-                stat = _files.link_atomic(target, last)
+                written.append((last, _files.link_atomic(target, last)))
             else:
-                stat = _files.write_atomic(last, lambda tmp: save(str(tmp)))
-            _files.write_sidecar(last, stat, record)
+                written.append((last, _files.write_atomic(last, lambda tmp: save(str(tmp)))))
+        for path, stat in written:
+            _files.write_sidecar(path, stat, record)
         for path in doomed:
             _files.remove_checkpoint(path)
+        return written
 
     def _shadow_model(self, trainable: list[bool], optimizer: dict | None) -> keras.Model:
         """The CPU model that is written: a copy of the template (or the trained model).

@@ -16,6 +16,7 @@ import pytest
 from helpers import WORKERS_DIR, build_tiny_model, make_tiny_data
 
 from keras_callbacks_plus import ParallelModelCheckpoint, _files, data_parallel, distribute, resume
+from keras_callbacks_plus._base import PlusCallback
 
 
 def _compiled(model=None, **kwargs):
@@ -407,3 +408,29 @@ def test_resume_across_a_change_of_the_trainable_set(tmp_path, tiny_data):
     run(4, initial_epoch=1, model=resumed)
     for a, b in zip(straight.get_weights(), resumed.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+class _Counter(PlusCallback):
+    """A sibling whose state changes in on_epoch_end."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs += 1
+
+    def get_state(self, directory=None):
+        return {"epochs": self.epochs}
+
+
+@pytest.mark.parametrize("checkpoint_first", [True, False])
+def test_sidecar_has_every_sibling_state_whatever_the_order(tmp_path, tiny_data, checkpoint_first):
+    checkpoint = ParallelModelCheckpoint(str(tmp_path / "m_{epoch}.keras"))
+    counter = _Counter()
+    callbacks = [checkpoint, counter] if checkpoint_first else [counter, checkpoint]
+    _compiled().fit(*tiny_data, epochs=3, verbose=0, callbacks=callbacks)
+    for epoch in (1, 2, 3):
+        record = json.loads((tmp_path / f"m_{epoch}.keras.json").read_text())
+        assert record["callbacks"]["_Counter"] == {"epochs": epoch}
+        assert _files.read_sidecar(tmp_path / f"m_{epoch}.keras") is not None  # still matches

@@ -1,0 +1,159 @@
+"""Overhead of RobustEarlyStopping on `fit`, at defaults and with its batch-level checks on.
+
+Cases, interleaved with a bare `fit` and timed as medians (see _bench.py); `ratio`
+is median / bare median, `paired_ratio` (and `overhead_pct`) the median of the
+per-round ratios, which is steadier on a busy machine:
+
+* `epoch_only`: `check_finite=False`, no `max_time`: no batch hook at all.
+* `defaults`: the defaults (`check_finite=True`: a batch hook).
+* `batch_checks`: `check_finite=True` and `max_time` set (never reached).
+* `noop_batch_hook`: a callback whose `on_train_batch_end` does nothing. Any
+  batch hook makes Keras call batch-end callbacks synchronously (no async
+  dispatch; on JAX that also waits for each step's logs), so this case
+  separates Keras's price for having a batch hook from the cost of the checks.
+
+Every RobustEarlyStopping case monitors `loss` with a patience that never
+triggers, and keeps best weights (a host copy on each improving epoch, a
+restore at the end), so the runs do the same steps as the bare one. Also
+reported: the cost of one call of the batch hook, in microseconds.
+
+    python benchmarks/early_stopping_overhead.py [--backend jax] [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+
+import _bench  # noqa: E402  (sets KERAS_BACKEND before keras is imported)
+
+NAME = "early_stopping_overhead"
+TARGET_PCT = 1.0
+
+
+def _add_flags(parser):
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per case")
+    parser.add_argument("--width", type=int, default=None, help="hidden units (step size)")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch size (step size)")
+
+
+def main() -> None:
+    args = _bench.parse_args(__doc__.splitlines()[0], _add_flags)
+    import keras
+    import numpy as np
+
+    from keras_callbacks_plus.early_stopping import RobustEarlyStopping
+
+    if args.quick:
+        features, width, batch, steps, epochs, repeats = 16, 32, 32, 8, 2, 2
+    else:
+        features, width, batch, steps, epochs, repeats = 64, 256, 128, 50, 4, 7
+    repeats = args.repeats or repeats
+    width = args.width or width
+    batch = args.batch_size or batch
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch * steps, features)).astype("float32")
+    y = rng.integers(0, 10, size=(batch * steps,)).astype("int32")
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((features,)),
+            keras.layers.Dense(width, activation="relu"),
+            keras.layers.Dense(width, activation="relu"),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+
+    class NoopBatchHook(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            pass
+
+    never = 10**9
+
+    def stopper(**kwargs):
+        return RobustEarlyStopping("loss", patience=never, **kwargs)
+
+    def fit(make_callbacks):
+        def run():
+            model.fit(x, y, batch_size=batch, epochs=epochs, shuffle=False, verbose=0,
+                      callbacks=make_callbacks())
+        return run
+
+    cases = {
+        "bare": fit(list),
+        "epoch_only": fit(lambda: [stopper(check_finite=False)]),
+        "defaults": fit(lambda: [stopper()]),
+        "batch_checks": fit(lambda: [stopper(max_time=1e9)]),
+        "noop_batch_hook": fit(lambda: [NoopBatchHook()]),
+    }
+    times = _bench.interleaved(cases, repeats=repeats, warmup=1)
+
+    # One call of the batch hook with both checks on, outside fit.
+    hook = RobustEarlyStopping("loss", max_time=1e9, restore_best_weights=False)
+    hook.set_model(model)
+    hook.on_train_begin()
+    logs = {"loss": 0.5}
+    calls = 2_000 if args.quick else 200_000
+    start = time.perf_counter()
+    for i in range(calls):
+        hook.on_train_batch_end(i, logs)
+    hook_us = (time.perf_counter() - start) / calls * 1e6
+    hook.on_train_end()
+
+    total_steps = steps * epochs
+    bare = _bench.median(times["bare"])
+    rows = []
+    for name, values in times.items():
+        median = _bench.median(values)
+        # Each round times every case back to back: the ratio within a round
+        # cancels load that drifts between rounds.
+        paired = _bench.median([v / b for v, b in zip(values, times["bare"])])
+        rows.append(
+            {
+                "case": name,
+                "median_s": median,
+                "step_ms": median / total_steps * 1e3,
+                "ratio": median / bare,
+                "paired_ratio": paired,
+                "overhead_pct": (paired - 1.0) * 100.0,
+            }
+        )
+    step_us = bare / total_steps * 1e6
+    # The checks' own cost: a RobustEarlyStopping batch hook against an empty one
+    # (both make Keras dispatch batch ends synchronously).
+    own = {
+        name: _bench.median([v / n for v, n in zip(times[name], times["noop_batch_hook"])])
+        for name in ("defaults", "batch_checks")
+    }
+    table = _bench.markdown_table(
+        rows, ["case", "median_s", "step_ms", "ratio", "paired_ratio", "overhead_pct"]
+    )
+    table += (
+        f"\n\nbatch hook call: {hook_us:.3f} us = {hook_us / step_us * 100:.4f} % of a "
+        f"{step_us:.0f} us step; target: overhead <= {TARGET_PCT:g} % of step time."
+        f"\nagainst an empty batch hook (paired): defaults {own['defaults']:.4f}, "
+        f"batch_checks {own['batch_checks']:.4f}."
+    )
+    record = {
+        "quick": args.quick,
+        "config": {"features": features, "width": width, "batch_size": batch,
+                   "steps_per_epoch": steps, "epochs": epochs, "repeats": repeats},
+        "target_overhead_pct": TARGET_PCT,
+        "times_s": times,
+        "rows": rows,
+        "ratios": {row["case"]: row["ratio"] for row in rows},
+        "vs_noop_batch_hook": own,
+        "hook_call_us": hook_us,
+        "hook_call_pct_of_step": hook_us / step_us * 100,
+    }
+    _bench.write_results(args.out, NAME, record, table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,542 @@
+"""RobustEarlyStopping: early stopping that survives noise, NaNs, divergence, time limits, restarts.
+
+Keras's `EarlyStopping` restores the best weights and knows a baseline;
+Lightning's adds goal and divergence thresholds, a finite check and a
+resumable state. This callback has both, plus smoothing of noisy values, a
+wall-time budget, a stop inside the epoch where the loss turns NaN, and the
+same decision on every worker.
+
+Batch-level checks (`check_finite`, `max_time`) need `on_train_batch_end`,
+and a callback that defines it turns off Keras's asynchronous batch-end
+dispatch. So the hook lives in a private subclass, which the constructor
+picks only when one of those checks is on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+from typing import Any
+
+import numpy as np
+
+from keras_callbacks_plus import distribute
+from keras_callbacks_plus._base import PlusCallback
+from keras_callbacks_plus._monitor import Monitor
+
+logger = logging.getLogger(__name__)
+
+STOP_REASONS = ("patience", "stopping_threshold", "divergence", "non_finite", "max_time")
+_STATE_VERSION = 1
+# Several workers vote on "time is up" (a collective) every `stride` batches;
+# the stride doubles while every worker saw less than this between votes, and
+# drops to 1 once any worker expects the budget to run out before the next vote.
+_VOTE_INTERVAL_S = 1.0
+_MAX_STRIDE = 4096
+
+
+def _clock() -> float:
+    """Seconds on a monotonic clock (a module function so tests can replace it)."""
+    return time.monotonic()
+
+
+def _count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(
+            f"Invalid value for argument {name}. Expected an int >= 0. Received: {name}={value!r}"
+        )
+    return int(value)
+
+
+def _number(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.integer, np.floating))
+        or not math.isfinite(value)
+    ):
+        raise ValueError(
+            f"Invalid value for argument {name}. Expected a finite number or None. "
+            f"Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+def _smoothing(value: Any) -> int | float | None:
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        if isinstance(value, (int, np.integer)) and value >= 1:
+            return int(value)
+        if isinstance(value, (float, np.floating)) and 0.0 < value < 1.0:
+            return float(value)
+    raise ValueError(
+        "Invalid value for argument smoothing. Expected None, an int >= 1 (mean of the "
+        "last N values) or a float in (0, 1) (weight of the newest value in an "
+        f"exponential moving average). Received: smoothing={value!r}"
+    )
+
+
+class _Smoother:
+    """The value decisions are made on: raw, mean of the last N, or an EMA."""
+
+    def __init__(self, smoothing: int | float | None):
+        self.smoothing = smoothing
+        self.window: list[float] = []
+        self.ema: float | None = None
+
+    def update(self, value: float) -> float:
+        if self.smoothing is None:
+            return value
+        if isinstance(self.smoothing, int):
+            self.window = (self.window + [value])[-self.smoothing :]
+            return sum(self.window) / len(self.window)
+        alpha = self.smoothing
+        self.ema = value if self.ema is None else alpha * value + (1.0 - alpha) * self.ema
+        return self.ema
+
+    def state(self) -> dict[str, Any]:
+        return {"window": list(self.window), "ema": self.ema}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.window = [float(v) for v in state.get("window", [])]
+        self.ema = state.get("ema")
+
+
+class RobustEarlyStopping(PlusCallback):
+    """Stops training when the monitored value stops improving, goes bad, or time is up.
+
+    Arguments shared with `keras.callbacks.EarlyStopping` mean the same:
+    every epoch without improvement (by more than `min_delta`) adds one to
+    `wait`, and training stops once `wait` reaches `patience` (at least one
+    such epoch). An epoch that improves on the best but not on `baseline`
+    does not reset `wait`. Epochs before `start_from_epoch` are ignored.
+
+    Stop reasons, in `stop_reason` after `fit`: `"patience"`,
+    `"stopping_threshold"` (goal met), `"divergence"` (worse than
+    `divergence_threshold`), `"non_finite"` (NaN or infinite training loss,
+    seen after the batch that produced it, or monitored value) and
+    `"max_time"`; `None` if this callback did not stop training.
+    `stopped_epoch` is the (0-based) epoch of the stop, 0 without one, as in
+    Keras; `stopped_batch` the batch of a stop inside an epoch, else `None`.
+    `best` and `best_epoch` describe the best (smoothed) value.
+
+    With `smoothing`, improvement, patience and both thresholds use the
+    smoothed value, so one noisy epoch neither stops nor rescues training.
+    Non-finite values (with `check_finite=False`) count as epochs without
+    improvement and stay out of the smoothing. An epoch cut short by a
+    batch-level stop is not evaluated.
+
+    Best weights are a host-memory copy (`get_weights()`), taken only when the
+    value improves, and restored at the end of `fit` whether or not this
+    callback stopped it. With a `data_parallel` twin they go to every replica.
+
+    On several workers every worker stops at the same step: epoch decisions
+    use the globally reduced logs, and workers vote on `max_time` through
+    `distribute.any_worker` (every batch once the budget is near, rarer
+    before).
+
+    Args:
+        monitor: key of the epoch logs to watch. Defaults to `"val_loss"`.
+        min_delta: how much better than the best a value must be to count as
+            an improvement. Defaults to `0.0`.
+        relative_delta: if True, `min_delta` is a fraction of the best
+            value's magnitude. Defaults to `False`.
+        patience: epochs without improvement before stopping. Defaults to `0`.
+        mode: `"min"`, `"max"`, or `"auto"` (from the metric). Defaults to
+            `"auto"`.
+        baseline: a value to beat; epochs that do not beat it count against
+            patience even when they improve on the best. Defaults to `None`.
+        start_from_epoch: epochs of warm-up that are not monitored. Defaults
+            to `0`.
+        restore_best_weights: restore the best epoch's weights at the end of
+            `fit`. Defaults to `True`.
+        smoothing: `None`, an int N (mean of the last N values) or a float α
+            in (0, 1) (exponential moving average, `s = α·x + (1-α)·s`).
+            Defaults to `None`.
+        stopping_threshold: stop as soon as the value is at least this good.
+            Defaults to `None`.
+        divergence_threshold: stop as soon as the value is worse than this.
+            Defaults to `None`.
+        check_finite: stop at the batch where the training loss becomes NaN
+            or infinite, or at the epoch whose monitored value is. Defaults to
+            `True`.
+        max_time: seconds of training (from the start of `fit`, plus the time
+            recorded in a state passed to `set_state`); training stops at the
+            first batch or epoch end after it. Defaults to `None`.
+        reset_patience_on_unfreeze: restart patience when ProgressiveUnfreezing
+            starts a new stage. Defaults to `True`.
+        strict: raise `KeyError` if `monitor` is missing from the logs, instead
+            of warning once. Defaults to `False`.
+        verbose: 1 to print why training stopped and which epoch was
+            restored. Defaults to `0`.
+
+    Raises:
+        ValueError: an argument is out of range, or the thresholds contradict
+            `mode` (checked at the start of `fit` when `mode="auto"`).
+
+    Example:
+
+    ```python
+    import keras
+    import numpy as np
+    from keras_callbacks_plus.early_stopping import RobustEarlyStopping
+
+    x = np.random.rand(512, 8).astype("float32")
+    y = (x[:, 0] > 0.5).astype("int32")
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(keras.optimizers.Adam(0.05), loss="sparse_categorical_crossentropy")
+    stopper = RobustEarlyStopping("val_loss", patience=3, smoothing=2,
+                                  divergence_threshold=10.0, max_time=600)
+    model.fit(x, y, validation_split=0.25, epochs=100, verbose=0, callbacks=[stopper])
+    print(stopper.stop_reason, stopper.best_epoch + 1, stopper.best)
+    ```
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        if cls is RobustEarlyStopping and (
+            kwargs.get("check_finite", True) or kwargs.get("max_time") is not None
+        ):
+            cls = _RobustEarlyStoppingWithBatchChecks
+        return super().__new__(cls)
+
+    def __getnewargs_ex__(self):
+        # Copies and pickles pick the same class as the original.
+        return (), {"check_finite": self.check_finite, "max_time": self.max_time}
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        *,
+        min_delta: float = 0.0,
+        relative_delta: bool = False,
+        patience: int = 0,
+        mode: str = "auto",
+        baseline: float | None = None,
+        start_from_epoch: int = 0,
+        restore_best_weights: bool = True,
+        smoothing: int | float | None = None,
+        stopping_threshold: float | None = None,
+        divergence_threshold: float | None = None,
+        check_finite: bool = True,
+        max_time: float | None = None,
+        reset_patience_on_unfreeze: bool = True,
+        strict: bool = False,
+        verbose: int = 0,
+    ):
+        super().__init__(verbose=verbose)
+        self._monitor = Monitor(
+            monitor, mode, min_delta, relative_delta, owner="RobustEarlyStopping"
+        )
+        self.monitor = monitor
+        self.mode = mode
+        self.min_delta = self._monitor.min_delta
+        self.relative_delta = relative_delta
+        self.patience = _count("patience", patience)
+        self.start_from_epoch = _count("start_from_epoch", start_from_epoch)
+        self.baseline = _number("baseline", baseline)
+        self.restore_best_weights = bool(restore_best_weights)
+        self.smoothing = _smoothing(smoothing)
+        self.stopping_threshold = _number("stopping_threshold", stopping_threshold)
+        self.divergence_threshold = _number("divergence_threshold", divergence_threshold)
+        self.check_finite = bool(check_finite)
+        if max_time is not None and (_number("max_time", max_time) or 0.0) <= 0.0:
+            raise ValueError(
+                "Invalid value for argument max_time. Expected a number of seconds > 0 "
+                f"or None. Received: max_time={max_time!r}"
+            )
+        self.max_time = None if max_time is None else float(max_time)
+        self.reset_patience_on_unfreeze = bool(reset_patience_on_unfreeze)
+        self.strict = bool(strict)
+        if mode != "auto":
+            self._check_thresholds(mode)
+        # Only grows, so that (file, version) names one copy across fits.
+        self._weights_version = 0
+        self._reset()
+        self._resumed = False
+        self._saved: tuple[str, int] | None = None  # (file, weights version) on disk
+
+    # ----------------------------------------------------------------- state
+    def _reset(self) -> None:
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.best_weights: list[np.ndarray] | None = None
+        self.wait = 0
+        self._smoother = _Smoother(self.smoothing)
+        self._elapsed_before = 0.0
+        self._clear_stop()
+
+    def _clear_stop(self) -> None:
+        self.stop_reason: str | None = None
+        self.stopped_epoch = 0
+        self.stopped_batch: int | None = None
+        self._stop_value: float | None = None
+        self._epoch = 0
+        self._start: float | None = None
+
+    def _check_thresholds(self, direction: str) -> None:
+        better = "lower" if direction == "min" else "higher"
+        stop, diverge = self.stopping_threshold, self.divergence_threshold
+        if diverge is None:
+            return
+        if stop is not None and (stop >= diverge if direction == "min" else stop <= diverge):
+            raise ValueError(
+                "Invalid value for argument stopping_threshold. Expected a value better than "
+                f"divergence_threshold={diverge!r} with mode={direction!r} ({better} is "
+                f"better). Received: stopping_threshold={stop!r}"
+            )
+        base = self.baseline
+        if base is not None and (base > diverge if direction == "min" else base < diverge):
+            raise ValueError(
+                "Invalid value for argument baseline. Expected a value no worse than "
+                f"divergence_threshold={diverge!r} with mode={direction!r} ({better} is "
+                f"better). Received: baseline={base!r}"
+            )
+
+    def _weights_file(self) -> str:
+        return "early_stopping_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", self.monitor) + ".best.npz"
+
+    def _elapsed(self) -> float:
+        running = 0.0 if self._start is None else _clock() - self._start
+        return self._elapsed_before + running
+
+    def get_state(self, directory: str | None = None) -> dict[str, Any]:
+        """Returns the decision state as a JSON-able dict.
+
+        Args:
+            directory: a folder to write the best weights into (an `.npz`
+                file, rewritten only when they changed, by the chief worker);
+                the state names it relative to the folder. Defaults to
+                `None`: the best weights are left out.
+
+        Returns:
+            Best value and epoch, wait counter, smoothing state, stop
+            information, training time used, and the best weights' file.
+        """
+        weights_file = None
+        if directory is not None and self.best_weights is not None:
+            weights_file = self._weights_file()
+            path = os.path.abspath(os.path.join(directory, weights_file))
+            current = (path, self._weights_version)
+            if distribute.is_chief() and (self._saved != current or not os.path.exists(path)):
+                os.makedirs(directory, exist_ok=True)
+                with open(path + ".tmp", "wb") as handle:
+                    np.savez(handle, *self.best_weights)
+                os.replace(path + ".tmp", path)
+                self._saved = current
+        return {
+            "version": _STATE_VERSION,
+            "monitor": self.monitor,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "wait": self.wait,
+            "smoothing": self._smoother.state(),
+            "stop_reason": self.stop_reason,
+            "stopped_epoch": self.stopped_epoch,
+            "stopped_batch": self.stopped_batch,
+            "elapsed": self._elapsed(),
+            "best_weights": weights_file,
+        }
+
+    def set_state(self, state: dict[str, Any], directory: str | None = None) -> None:
+        """Restores a state from `get_state()`; the next `fit` continues from it.
+
+        Args:
+            state: the dict `get_state()` returned.
+            directory: the folder passed to `get_state()`, needed when the
+                state names a best-weights file. Defaults to `None`.
+
+        Raises:
+            ValueError: the state names a weights file but `directory` is None.
+            FileNotFoundError: the weights file is missing.
+        """
+        self._reset()
+        self.best = state.get("best")
+        self.best_epoch = state.get("best_epoch")
+        self.wait = int(state.get("wait", 0))
+        self._smoother.load(state.get("smoothing") or {})
+        self.stop_reason = state.get("stop_reason")
+        self.stopped_epoch = int(state.get("stopped_epoch") or 0)
+        self.stopped_batch = state.get("stopped_batch")
+        self._elapsed_before = float(state.get("elapsed", 0.0))
+        weights_file = state.get("best_weights")
+        if weights_file and self.restore_best_weights:
+            if directory is None:
+                raise ValueError(
+                    f"This RobustEarlyStopping state refers to best weights in {weights_file!r}; "
+                    "pass the directory given to get_state() as set_state(state, directory)."
+                )
+            path = os.path.abspath(os.path.join(directory, weights_file))
+            if not os.path.exists(path):
+                raise FileNotFoundError(
+                    f"This RobustEarlyStopping state refers to best weights {path!r}, "
+                    "which do not exist."
+                )
+            with np.load(path, allow_pickle=False) as stored:
+                self.best_weights = [stored[f"arr_{i}"] for i in range(len(stored.files))]
+            self._weights_version += 1
+            self._saved = (path, self._weights_version)
+        self._resumed = True
+
+    # ----------------------------------------------------------------- hooks
+    def on_train_begin(self, logs=None):
+        self._check_thresholds(self._monitor.resolve(self.model))
+        super().on_train_begin(logs)
+        if self._resumed:
+            self._resumed = False
+            self._clear_stop()
+        else:
+            self._reset()
+        self._start = _clock()
+        self._steps = (self.params or {}).get("steps")
+        self._workers = distribute.num_workers() if self.max_time is not None else 1
+        self._stride = self._until_vote = 1
+        self._last_vote = self._start
+        self._near = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.stop_reason is not None:
+            return  # stopped inside this epoch: its logs describe part of it
+        self._epoch = epoch
+        self._decide(epoch, logs)
+        if self.stop_reason is None and self.max_time is not None and self._time_is_up(True):
+            self._stop("max_time")
+
+    def on_train_end(self, logs=None):
+        if self._start is not None:
+            self._elapsed_before = self._elapsed()
+            self._start = None
+        if self.stop_reason is not None:
+            self._say(self._stop_message())
+        if self.restore_best_weights and self.best_weights is not None:
+            self._say(
+                "Restoring model weights from the end of the best epoch: "
+                f"{self.best_epoch + 1}."
+            )
+            self.model.set_weights(self.best_weights)
+        elif self.restore_best_weights and self.stop_reason is not None:
+            logger.warning(
+                "RobustEarlyStopping stopped training (%s) before any epoch improved on "
+                "%r: there are no best weights to restore.", self.stop_reason, self.monitor,
+            )
+        super().on_train_end(logs)
+
+    def on_unfreeze_stage(self, stage: int, epoch: int, layers: list[str]) -> None:
+        if self.reset_patience_on_unfreeze:
+            self.wait = 0
+
+    # ------------------------------------------------------------- decisions
+    def _decide(self, epoch: int, logs) -> None:
+        value = self._monitor.get(logs, self.strict)
+        if value is None or epoch < self.start_from_epoch:
+            return
+        smoothed = None
+        if math.isfinite(value):
+            smoothed = self._smoother.update(value)
+        elif self.check_finite:
+            self._stop("non_finite", value=value)
+            return
+        improved = smoothed is not None and self._monitor.is_improvement(smoothed, self.best)
+        self.wait += 1
+        if improved:
+            self.best, self.best_epoch = smoothed, epoch
+            if self.restore_best_weights:
+                self.best_weights = self.model.get_weights()
+                self._weights_version += 1
+            if self.baseline is None or self._monitor.is_improvement(smoothed, self.baseline):
+                self.wait = 0
+        if smoothed is not None and self.stopping_threshold is not None and (
+            self._monitor.reaches(smoothed, self.stopping_threshold)
+        ):
+            self._stop("stopping_threshold", value=smoothed)
+        elif smoothed is not None and self.divergence_threshold is not None and not (
+            self._monitor.reaches(smoothed, self.divergence_threshold)
+        ):
+            self._stop("divergence", value=smoothed)
+        elif not improved and self.wait >= max(self.patience, 1):
+            self._stop("patience")
+
+    def _stop(self, reason: str, batch: int | None = None, value: float | None = None) -> None:
+        self.stop_reason = reason
+        self.stopped_epoch = self._epoch
+        self.stopped_batch = batch
+        self._stop_value = value
+        # `_model`, not `model`: on JAX reading `model` copies the training
+        # state back into the variables, which a batch hook must not pay for.
+        self._model.stop_training = True
+
+    def _time_is_up(self, epoch_end: bool = False) -> bool:
+        now = _clock()
+        elapsed = self._elapsed_before + now - self._start
+        spent = elapsed >= self.max_time
+        if self._workers <= 1:
+            return spent
+        # A collective: every worker reaches each vote at the same step,
+        # because the schedule below only changes on agreed outcomes.
+        if not epoch_end:
+            self._until_vote -= 1
+            if self._until_vote > 0:
+                return False
+        if distribute.any_worker(spent):
+            return True
+        if epoch_end or self._near:
+            return False
+        interval = now - self._last_vote
+        if distribute.any_worker(elapsed + 2.0 * interval >= self.max_time):
+            self._near, self._stride = True, 1
+        elif not distribute.any_worker(interval >= _VOTE_INTERVAL_S):
+            self._stride = min(2 * self._stride, _MAX_STRIDE)
+        self._until_vote, self._last_vote = self._stride, now
+        return False
+
+    def _stop_message(self) -> str:
+        where = f"Epoch {self.stopped_epoch + 1}"
+        if self.stopped_batch is not None:
+            where += f", batch {self.stopped_batch + 1}"
+        value, reason = self._stop_value, self.stop_reason
+        if reason == "patience":
+            why = f"{self.monitor} did not improve for {self.wait} epochs"
+            if self.best is not None:
+                why += f" (best {self.best:.6g} at epoch {self.best_epoch + 1})"
+        elif reason == "stopping_threshold":
+            why = (
+                f"{self.monitor} = {value:.6g} reached "
+                f"stopping_threshold={self.stopping_threshold:g}"
+            )
+        elif reason == "divergence":
+            why = (
+                f"{self.monitor} = {value:.6g} is worse than "
+                f"divergence_threshold={self.divergence_threshold:g}"
+            )
+        elif reason == "non_finite":
+            what = "the training loss" if self.stopped_batch is not None else self.monitor
+            why = f"{what} is {value}"
+        else:
+            why = f"max_time={self.max_time:g}s of training time used"
+        return f"{where}: early stopping: {why}."
+
+
+class _RobustEarlyStoppingWithBatchChecks(RobustEarlyStopping):
+    """RobustEarlyStopping with `check_finite` or `max_time`: checks after every batch."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.check_finite and logs:
+            loss = logs.get("loss")
+            if loss is not None and not math.isfinite(loss):
+                self._stop("non_finite", batch, float(loss))
+                return
+        # After an epoch's last batch the epoch-end check comes next: it
+        # evaluates the complete epoch first.
+        if self.max_time is not None and batch + 1 != self._steps and self._time_is_up():
+            self._stop("max_time", batch)
+
+
+# Keras and ParallelModelCheckpoint name callbacks by class name: one name for both.
+_RobustEarlyStoppingWithBatchChecks.__name__ = "RobustEarlyStopping"
