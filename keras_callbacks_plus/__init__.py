@@ -7,6 +7,7 @@ from keras_callbacks_plus import distribute
 from keras_callbacks_plus.checkpoint import ParallelModelCheckpoint, resume
 from keras_callbacks_plus.data import HDF5Sequence
 from keras_callbacks_plus.early_stopping import RobustEarlyStopping
+from keras_callbacks_plus.unfreezing import ProgressiveUnfreezing
 from keras_callbacks_plus.distribute import copy_weights, data_parallel
 
 __version__ = "0.1.0.dev0"
@@ -14,6 +15,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "HDF5Sequence",
     "ParallelModelCheckpoint",
+    "ProgressiveUnfreezing",
     "RobustEarlyStopping",
     "__version__",
     "copy_weights",

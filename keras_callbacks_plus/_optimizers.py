@@ -15,7 +15,7 @@ from typing import Callable
 
 import keras
 
-from keras_callbacks_plus import distribute
+from keras_callbacks_plus import _layers, distribute
 
 
 def state_keys(optimizer) -> list[str]:
@@ -99,15 +99,31 @@ def trainable_flags(model: keras.Model) -> list[bool]:
 
 
 def apply_trainable_flags(model: keras.Model, flags: list[bool]) -> None:
-    """Makes exactly the weights flagged True trainable (variable-level flags)."""
+    """Makes exactly the weights flagged True trainable, as layer flags where possible.
+
+    A layer all of whose weights are frozen gets `trainable=False` itself, so
+    that it behaves as a frozen layer (BatchNormalization in inference mode)
+    and a saved `.keras` file records it; only a layer that mixes trainable
+    and frozen weights of its own keeps variable-level flags.
+    """
     if len(flags) != len(model.weights):
         raise ValueError(
             f"Expected {len(model.weights)} trainable flags for model {model.name!r}. "
             f"Received: {len(flags)}"
         )
-    model.trainable = True  # layer flags would hide variable flags
-    for variable, flag in zip(model.weights, flags):
-        variable.trainable = bool(flag)
+    wanted = {id(v): bool(f) for v, f in zip(model.weights, flags)}
+    layers = _layers.all_layers(model)
+    for layer in layers:  # top down: everything trainable
+        _layers.set_trainable(layer, True)
+    # Weights that can train at all (not BatchNormalization statistics, say).
+    trainable = {id(v) for v in model.weights if v.trainable}
+    for layer in reversed(layers):  # bottom up: whole frozen layers and containers
+        weights = [v for v in layer.weights if id(v) in trainable]
+        if weights and not any(wanted[id(v)] for v in weights):
+            _layers.set_trainable(layer, False)
+    for variable in model.weights:
+        if variable.trainable and not wanted[id(variable)]:
+            variable.trainable = False
 
 
 def restore_optimizer_state(model: keras.Model, values: dict[str, object]) -> None:

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import keras
 import numpy as np
 
-from keras_callbacks_plus import _compat
+from keras_callbacks_plus import _compat, _layers
 
 __all__ = [
     "any_worker",
@@ -166,12 +166,6 @@ def _num_replicas(distribution) -> int:
     if _backend() == "tensorflow":
         return distribution.num_replicas_in_sync
     return int(np.prod(distribution.device_mesh.shape))
-
-
-def _sublayers(layer: keras.layers.Layer):
-    yield layer
-    for sub in getattr(layer, "layers", ()):
-        yield from _sublayers(sub)
 
 
 def _clone(model: keras.Model) -> keras.Model:
@@ -429,7 +423,7 @@ def data_parallel(model: keras.Model, devices: Sequence[Any] | None = None) -> k
     with distribution.scope():
         twin = _clone(model)
     if backend == "tensorflow":
-        for layer in _sublayers(twin):
+        for layer in _layers.all_layers(twin):
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.synchronized = True
     _bind_to_distribution(twin, distribution, _num_replicas(distribution))
@@ -484,7 +478,7 @@ def single_device_copy(model: keras.Model | dict[str, Any]) -> keras.Model:
             copy = keras.saving.deserialize_keras_object(model)
         else:
             copy = _clone(model)
-    for layer in _sublayers(copy):
+    for layer in _layers.all_layers(copy):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = False
     return copy
