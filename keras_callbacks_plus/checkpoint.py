@@ -19,10 +19,6 @@ from keras_callbacks_plus._monitor import Monitor
 __all__ = ["ParallelModelCheckpoint", "resume"]
 
 
-def _host_copy(variables) -> list[np.ndarray]:
-    return [np.array(keras.ops.convert_to_numpy(v), copy=True) for v in variables]
-
-
 def _state_keys(callbacks: Sequence[Any]) -> list[str]:
     """`ClassName`, then `ClassName#2`, ... for repeated classes."""
     seen: dict[str, int] = {}
@@ -169,6 +165,7 @@ class ParallelModelCheckpoint(PlusCallback):
         self._shadow: keras.Model | None = None
         self._shadow_recipe: tuple[dict, dict | None] | None = None
         self._to_refresh: tuple | None = None
+        self._buffers: dict[str, list[np.ndarray]] = {}
         self._keys_checked = False
         if save_freq != "epoch":
             # Only then does Keras see a batch hook (and give up async dispatch).
@@ -315,7 +312,10 @@ class ParallelModelCheckpoint(PlusCallback):
             "keras": keras.version(),
         }
         doomed = self._keep(target, value, done_epochs) if write_main else []
-        weights = _host_copy(model.weights)
+        # The previous write must be done before its host buffers are reused.
+        self._writer.wait_until_finished()
+        weights = distribute.host_copy(model.weights, out=self._buffers.get("weights"))
+        self._buffers["weights"] = weights
         if not distribute.is_chief():
             # Every worker's template holds the trained weights; only the chief writes.
             if self.template_model is not None:
@@ -326,9 +326,11 @@ class ParallelModelCheckpoint(PlusCallback):
         optimizer = None
         if not self.save_weights_only and getattr(model, "optimizer", None) is not None:
             if model.optimizer.built:
-                optimizer = dict(
-                    zip(_optimizers.state_keys(model.optimizer), _host_copy(model.optimizer.variables))
+                values = distribute.host_copy(
+                    model.optimizer.variables, out=self._buffers.get("optimizer")
                 )
+                self._buffers["optimizer"] = values
+                optimizer = dict(zip(_optimizers.state_keys(model.optimizer), values))
         if self._shadow is None and self._shadow_recipe is None:
             # The writer thread must not touch the trained model (on JAX,
             # reading it syncs or races with the training state), so it gets
@@ -388,6 +390,11 @@ class ParallelModelCheckpoint(PlusCallback):
 
     def _write(self, target, weights, optimizer, record, doomed) -> list[tuple[Path, os.stat_result]]:
         """Runs on the writer thread, where no strategy scope is active; returns what it wrote."""
+        # Private copies: Keras may keep a view of what it is given, and the
+        # host buffers are refilled by the next save.
+        weights = [np.array(w) for w in weights]
+        if optimizer is not None:
+            optimizer = {k: np.array(v) for k, v in optimizer.items()}
         shadow = self._shadow_model(record["trainable"], optimizer)
         shadow.set_weights(weights)
         if optimizer is not None:
