@@ -4,15 +4,21 @@ Works with the TensorFlow and JAX backends; never imports PyTorch.
 """
 
 from keras_callbacks_plus import distribute
+from keras_callbacks_plus.activations import (
+    ActivationLogger,
+    intermediate_outputs,
+    read_activation_log,
+)
 from keras_callbacks_plus.checkpoint import ParallelModelCheckpoint, resume
 from keras_callbacks_plus.data import HDF5Sequence
+from keras_callbacks_plus.distribute import copy_weights, data_parallel
 from keras_callbacks_plus.early_stopping import RobustEarlyStopping
 from keras_callbacks_plus.unfreezing import ProgressiveUnfreezing
-from keras_callbacks_plus.distribute import copy_weights, data_parallel
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "ActivationLogger",
     "HDF5Sequence",
     "ParallelModelCheckpoint",
     "ProgressiveUnfreezing",
@@ -21,5 +27,7 @@ __all__ = [
     "copy_weights",
     "data_parallel",
     "distribute",
+    "intermediate_outputs",
+    "read_activation_log",
     "resume",
 ]

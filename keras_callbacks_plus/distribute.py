@@ -20,6 +20,7 @@ import contextlib
 import functools
 import inspect
 import json
+import logging
 import math
 import os
 import re
@@ -33,11 +34,13 @@ from keras_callbacks_plus import _compat, _layers
 __all__ = [
     "any_worker",
     "barrier",
+    "compile_function",
     "copy_weights",
     "host_copy",
     "data_parallel",
     "is_chief",
     "list_devices",
+    "local_value",
     "multi_worker_strategy",
     "num_replicas",
     "num_workers",
@@ -46,6 +49,8 @@ __all__ = [
     "single_device_copy",
     "worker_index",
 ]
+
+logger = logging.getLogger(__name__)
 
 _SUPPORTED_BACKENDS = ("tensorflow", "jax")
 _DEVICE_PATTERN = re.compile(r"(cpu|gpu|tpu|cuda|rocm):(\d+)$")
@@ -551,6 +556,45 @@ def _replica_values(variable) -> list[np.ndarray]:
         # A MirroredVariable lists one component per replica; others are one.
         return [np.asarray(v) for v in getattr(value, "values", (value,))]
     return [np.asarray(shard.data) for shard in value.addressable_shards]
+
+
+def local_value(variable) -> np.ndarray:
+    """This process's first replica of `variable`, on the host.
+
+    Reading it involves no collective, so one worker can do it alone (for
+    example to evaluate a twin on a single device).
+    """
+    return _replica_values(variable)[0]
+
+
+def compile_function(fn):
+    """`fn` compiled by the backend (`jax.jit`, or `tf.function` with XLA), traced per input shape.
+
+    On TensorFlow a function XLA cannot compile falls back to a plain graph,
+    once, with an info log.
+    """
+    if _backend() == "jax":
+        import jax
+
+        return jax.jit(fn)
+    import tensorflow as tf
+
+    # XLA makes small reductions several times faster on CPU.
+    compiled = [tf.function(fn, jit_compile=True)]
+
+    def run(*args):
+        try:
+            return compiled[0](*args)
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
+                tf.errors.NotFoundError) as error:
+            if len(compiled) > 1:
+                raise
+            logger.info("XLA cannot compile %s (%s); running it without XLA.",
+                        getattr(fn, "__name__", fn), str(error).splitlines()[0])
+            compiled[0:0] = [tf.function(fn)]
+            return compiled[0](*args)
+
+    return run
 
 
 def replica_divergence(model: keras.Model) -> float:
