@@ -89,6 +89,10 @@ def rebuild_optimizer(
         new.iterations.assign(keras.ops.convert_to_numpy(old.iterations))
     model.optimizer = new
     model.make_train_function(force=True)
+    # Made again when next needed: on JAX under a distribution, a function
+    # holds the output shardings of the trainable set it was made for.
+    model.test_function = None
+    model.predict_function = None
     return new
 
 
@@ -137,7 +141,10 @@ def restore_optimizer_state(model: keras.Model, values: dict[str, object]) -> No
     if not optimizer.built:
         with distribute.scope(model):
             optimizer.build(model.trainable_variables)
-    if not set(values) <= set(state_keys(optimizer)):
+    # `compile_from_config` builds the optimizer over every variable trainable
+    # then; a file must hold exactly the slots of the trainable set now, or
+    # `load_model` skips the whole optimizer state.
+    if set(values) != set(state_keys(optimizer)):
         optimizer = rebuild_optimizer(model)
     targets = optimizer_state(optimizer)
     missing = set(values) - set(targets)

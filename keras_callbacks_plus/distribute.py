@@ -34,10 +34,12 @@ from keras_callbacks_plus import _compat, _layers
 __all__ = [
     "any_worker",
     "barrier",
+    "broadcast_from_chief",
     "compile_function",
     "copy_weights",
     "host_copy",
     "data_parallel",
+    "emulate_cpu_devices",
     "is_chief",
     "list_devices",
     "local_value",
@@ -125,6 +127,46 @@ def list_devices(device_type: str | None = None) -> list[str]:
     return names
 
 
+def emulate_cpu_devices(count: int = 2) -> list[str]:
+    """Splits the host CPU into `count` devices, to try data-parallel code without accelerators.
+
+    TensorFlow gets `count` logical CPU devices
+    (`tf.config.set_logical_device_configuration`); JAX gets `count` host
+    devices (`XLA_FLAGS=--xla_force_host_platform_device_count`). The devices
+    share the same cores: they show that data-parallel code runs, not how
+    fast. It must run before the backend starts its runtime (the first op or
+    device query); if that already happened, or the CPU is already split, the
+    devices stay as they are.
+
+    Args:
+        count: how many CPU devices. Defaults to `2`.
+
+    Returns:
+        The CPU device names after the call, e.g. `["cpu:0", "cpu:1"]`.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(
+            f"Invalid value for argument count. Expected an int >= 1. Received: count={count!r}"
+        )
+    if _backend() == "tensorflow":
+        import tensorflow as tf
+
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        if tf.config.get_logical_device_configuration(cpu) is None:
+            try:
+                tf.config.set_logical_device_configuration(
+                    cpu, [tf.config.LogicalDeviceConfiguration()] * count
+                )
+            except RuntimeError:  # The runtime is initialized: too late.
+                logger.warning("TensorFlow already started: the CPU stays as it is.")
+    else:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "--xla_force_host_platform_device_count" not in flags:
+            flag = f"--xla_force_host_platform_device_count={count}"
+            os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
+    return list_devices("cpu")
+
+
 def _resolve_devices(devices: Sequence[Any] | None) -> tuple[str, ...]:
     available = list_devices()
     if devices is None:
@@ -178,6 +220,12 @@ def _clone(model: keras.Model) -> keras.Model:
     try:
         twin = keras.models.clone_model(model, recursive=True)
     except Exception as error:
+        if "not the same on each process" in str(error):
+            raise ValueError(
+                f"data_parallel() could not create the twin of model {model.name!r}: the JAX "
+                "processes drew different initial values. Call keras.utils.set_random_seed() "
+                "with the same seed on every process (or on none) before building models."
+            ) from error
         raise ValueError(
             f"data_parallel() could not rebuild model {model.name!r}: {error}. "
             "Functional and Sequential models clone as they are; a subclassed "
@@ -371,7 +419,8 @@ def data_parallel(model: keras.Model, devices: Sequence[Any] | None = None) -> k
     re-created from their config on the twin's devices (before training they
     hold no other state), so `twin.optimizer` is a copy of the one passed.
 
-    After `multi_worker_strategy()`, the twin spans every worker.
+    After `multi_worker_strategy()`, the twin spans every worker, and every
+    worker's template and twin start from the chief's weights.
 
     Args:
         model: a built Keras model (Functional, Sequential, or subclassed
@@ -433,6 +482,11 @@ def data_parallel(model: keras.Model, devices: Sequence[Any] | None = None) -> k
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.synchronized = True
     _bind_to_distribution(twin, distribution, _num_replicas(distribution))
+    if num_workers() > 1:
+        # Templates built without a seed differ between workers: all start
+        # from the chief's weights, as variables created under
+        # MultiWorkerMirroredStrategy do.
+        model.set_weights(broadcast_from_chief(model.get_weights()))
     copy_weights(model, twin)
     object.__setattr__(twin, _TWIN_ATTR, distribution)
     return twin
@@ -805,3 +859,38 @@ def any_worker(flag: bool) -> bool:
     value = float(bool(flag))
     votes = strategy.run(lambda: tf.constant(value))
     return bool(strategy.reduce("SUM", votes, axis=None).numpy() > 0)
+
+
+def broadcast_from_chief(arrays: Sequence[Any]) -> list[np.ndarray]:
+    """Returns the chief's `arrays` on every worker; `arrays` itself on one worker.
+
+    A collective: every worker must call it at the same point, with arrays of
+    the same shapes and dtypes.
+    """
+    arrays = [np.asarray(a) for a in arrays]
+    if num_workers() <= 1:
+        return arrays
+    if _backend() == "jax":
+        from jax.experimental import multihost_utils
+
+        # As bytes: JAX without x64 would turn int64 / float64 into 32 bits.
+        raw = [np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in arrays]
+        received = multihost_utils.broadcast_one_to_all(raw)
+        return [
+            np.asarray(r).view(a.dtype).reshape(a.shape) for r, a in zip(received, arrays)
+        ]
+    import tensorflow as tf
+
+    strategy = _multi_worker if _multi_worker is not None else tf.distribute.get_strategy()
+
+    def chief_only():
+        # Global replica 0 lives on the chief: only it contributes, so the
+        # sum is its value exactly.
+        context = tf.distribute.get_replica_context()
+        first = tf.equal(context.replica_id_in_sync_group, 0)
+        return context.all_reduce(
+            "SUM", [tf.where(first, a, tf.zeros_like(a)) for a in arrays]
+        )
+
+    results = strategy.run(chief_only)
+    return [strategy.experimental_local_results(r)[0].numpy() for r in results]

@@ -410,6 +410,35 @@ def test_resume_across_a_change_of_the_trainable_set(tmp_path, tiny_data):
         np.testing.assert_array_equal(a, b)
 
 
+def test_file_saved_with_frozen_layers_loads_with_its_optimizer_state(
+    tmp_path, two_devices, tiny_data
+):
+    """load_model restores the optimizer only if the file holds exactly the trainable set's slots.
+
+    The template is all trainable, the twin trains with `hidden` frozen (as
+    under ProgressiveUnfreezing): the file must follow the twin.
+    """
+    import warnings
+
+    x, y = tiny_data
+    template = build_tiny_model()
+    model = data_parallel(template, devices=two_devices)
+    model.get_layer("hidden").trainable = False
+    _compiled(model)
+    checkpoint = ParallelModelCheckpoint(template, str(tmp_path / "m.keras"))
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[checkpoint])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert not [w for w in caught if "Skipping variable loading" in str(w.message)]
+    assert not loaded.get_layer("hidden").trainable
+    trained = [keras.ops.convert_to_numpy(v) for v in model.optimizer.variables]
+    restored = [keras.ops.convert_to_numpy(v) for v in loaded.optimizer.variables]
+    assert len(restored) == len(trained) == 2 + 2 * 2  # iterations, lr, m and v of head's 2
+    for a, b in zip(trained, restored):
+        np.testing.assert_array_equal(a, b)
+
+
 class _Counter(PlusCallback):
     """A sibling whose state changes in on_epoch_end."""
 

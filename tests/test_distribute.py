@@ -215,7 +215,12 @@ def test_two_workers_train_identically(launch):
     assert [r["worker_index"] for r in reports] == [0, 1]
     assert [r["num_workers"] for r in reports] == [2, 2]
     assert sum(r["is_chief"] for r in reports) == 1 and reports[0]["is_chief"]
-    assert reports[0]["initial"] == reports[1]["initial"]
+    # Templates built with different seeds: data_parallel starts all from the chief's.
+    assert reports[0]["initial"] != reports[1]["initial"]
+    assert reports[0]["start"] == reports[1]["start"] == reports[0]["initial"]
+    for r in reports:
+        assert r["broadcast"] == [[[0.5] * 3] * 2, [0, 1, 2, 3]]
+        assert r["broadcast_dtypes"] == ["float32", "int64"]
     assert reports[0]["final"] != reports[0]["initial"]  # training happened
     assert reports[0]["final"] == reports[1]["final"]  # and stayed in sync
     assert reports[0]["loss"] == reports[1]["loss"]

@@ -30,9 +30,16 @@ def digest(model):
 
 
 template = build_tiny_model(batch_norm=True, seed=0)
+# A different start on each worker (the global seed must stay the same: on JAX
+# the twin's variables are created on all processes at once).
+template.set_weights([w + index for w in template.get_weights()])
 initial = digest(template)
 x, y = make_tiny_data(64, seed=100 + index)  # this worker's own shard
 twin = distribute.data_parallel(template)
+start = digest(template)
+broadcast = distribute.broadcast_from_chief(
+    [np.full((2, 3), index + 0.5, np.float32), np.arange(4, dtype=np.int64) * (index + 1)]
+)
 twin.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
 history = twin.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
 distribute.barrier()
@@ -47,6 +54,9 @@ print(
             "worker_index": distribute.worker_index(),
             "num_workers": distribute.num_workers(),
             "initial": initial,
+            "start": start,
+            "broadcast": [b.tolist() for b in broadcast],
+            "broadcast_dtypes": [str(b.dtype) for b in broadcast],
             "final": digest(template),
             "any_worker": votes,
             "loss": [float(v) for v in history.history["loss"]],

@@ -1,0 +1,94 @@
+"""Runs the README's migration guide: every block but the Keras 2 ones, on both backends.
+
+In the section "Migrating from the Keras 2 recipes", a block after
+`<!-- keras 2 -->` is old code, shown only; a block after `<!-- each worker -->`
+runs in two worker processes on 127.0.0.1, after the section's first block (the
+shared definitions); every other block runs here, in order, in one namespace.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from keras_callbacks_plus import read_activation_log
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+SECTION = "## Migrating from the Keras 2 recipes"
+BLOCK = re.compile(r"(?:<!-- (keras 2|each worker) -->\n)?```python\n(.*?)```", re.DOTALL)
+# The recipes of the seeds: multi_gpu_model, saving the template, K.function,
+# frozen / shared layers, EarlyStopping, HDF5Matrix + fit_generator, the TF server.
+RECIPES = 7
+
+
+def _blocks() -> list[tuple[str | None, str]]:
+    text = README.read_text()
+    assert SECTION in text
+    section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
+    return [(m.group(1), m.group(2)) for m in BLOCK.finditer(section)]
+
+
+def test_every_recipe_has_old_and_new_code():
+    kinds = [kind for kind, _ in _blocks()]
+    assert kinds.count("keras 2") == RECIPES
+    assert kinds.count("each worker") == 1
+    # Two definition blocks, then one or more new blocks after each old one.
+    assert kinds[:2] == [None, None]
+    for index, kind in enumerate(kinds):
+        if kind == "keras 2":
+            assert kinds[index + 1] != "keras 2"
+    for kind, code in _blocks():
+        if kind == "keras 2":
+            assert len(code.strip().splitlines()) == 2, code
+
+
+@pytest.fixture
+def in_tmp_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_migration_blocks_run_in_one_process(in_tmp_path):
+    namespace = {"__name__": "__readme__"}
+    for kind, code in _blocks():
+        if kind is None:
+            exec(compile(code, str(README), "exec"), namespace)
+
+    # What the blocks promise, checked on what they left behind.
+    model, x = namespace["model"], namespace["x"]
+    np.testing.assert_allclose(  # the last checkpoint holds the template's weights
+        namespace["restored"].predict(x[:16], verbose=0), model.predict(x[:16], verbose=0),
+        atol=1e-6,
+    )
+    assert namespace["outputs"]["dropout"].shape == (32, 8)
+    [run] = read_activation_log(in_tmp_path / "activations.h5")
+    assert set(run["layers"]) == {"test", "train"}
+    assert len(run["layers"]["train"]["conv"]["mean"]) == 2
+    assert namespace["unfreeze"].current_stage == 1
+    assert set(namespace["unfreeze"].unfrozen_layers) == {"conv", "head"}
+    stopping = namespace["early_stopping"]
+    assert stopping.best_epoch is not None
+    assert stopping.stop_reason in (None, "patience")
+    assert sorted(p.name for p in (in_tmp_path / "ckpt").glob("*.keras")) == [
+        "model_01.keras", "model_02.keras"
+    ]
+
+
+def test_multi_worker_block_runs_on_two_workers(tmp_path, launch):
+    blocks = _blocks()
+    definitions = blocks[0][1]
+    [worker_code] = [code for kind, code in blocks if kind == "each worker"]
+    code_file = tmp_path / "block.py"
+    code_file.write_text(definitions + "\n" + worker_code)
+    results = launch("readme_block.py", num_workers=2, args=[str(code_file), str(tmp_path)])
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads(r.last_line()) for r in results]
+    assert [r["is_chief"] for r in reports] == [True, False]
+    assert all(r["num_workers"] == 2 for r in reports)
+    assert reports[0]["digest"] == reports[1]["digest"]  # the same trained template everywhere
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert loaded.count_params() == 8 * 9 + 8 + 8 * 10 + 10
