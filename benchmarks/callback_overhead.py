@@ -22,7 +22,7 @@ import _bench  # noqa: E402
 args = _bench.parse_args(
     __doc__.splitlines()[0],
     lambda p: (
-        p.add_argument("--repeats", type=int, default=3),
+        p.add_argument("--repeats", type=int, default=5),
         p.add_argument("--epochs", type=int, default=3),
         p.add_argument("--steps", type=int, default=600, help="steps per epoch"),
     ),
@@ -100,7 +100,9 @@ finally:
     shutil.rmtree(workdir, ignore_errors=True)
 
 bare = _bench.median(times["bare fit"])
-rows = [{"case": name, "fit_s": _bench.median(t), "overhead": _bench.median(t) / bare - 1.0}
+# `min_overhead` compares the fastest rounds: load from other work only adds time.
+rows = [{"case": name, "fit_s": _bench.median(t), "overhead": _bench.median(t) / bare - 1.0,
+         "min_overhead": min(t) / min(times["bare fit"]) - 1.0}
         for name, t in times.items()]
 together = next(r for r in rows if r["case"] == "the three together")
 _bench.write_results(
@@ -108,6 +110,7 @@ _bench.write_results(
     {"rows": rows, "raw_seconds": times, "epochs": args.epochs, "steps_per_epoch": args.steps,
      "quick": args.quick,
      "targets": {"three_together_overhead": {"max": 0.02, "measured": together["overhead"]}}},
-    _bench.markdown_table(rows, ["case", "fit_s", "overhead"]),
+    _bench.markdown_table(rows, ["case", "fit_s", "overhead", "min_overhead"]),
 )
-print(f"the three together: {together['overhead']:+.1%} over bare fit (target <= +2 %)")
+print(f"the three together: {together['overhead']:+.1%} over bare fit, fastest rounds "
+      f"{together['min_overhead']:+.1%} (target <= +2 %)")

@@ -18,7 +18,7 @@ import keras
 from keras_callbacks_plus import _layers, distribute
 
 
-def state_keys(optimizer) -> list[str]:
+def state_keys(optimizer, model: keras.Model | None = None) -> list[str]:
     """Names of `optimizer.variables` that survive re-creating the optimizer.
 
     A variable's path starts with its optimizer's name, which Keras makes
@@ -26,18 +26,44 @@ def state_keys(optimizer) -> list[str]:
     LossScaleOptimizer holds variables under two names. The key replaces each
     name by its rank (`0/iteration`, `1/model_dense_kernel_momentum`); the
     rest of the path names the model variable a slot belongs to.
+
+    With `model`, that model variable is named by its index in
+    `model.weights` instead (`0/#3_momentum`), so that keys also match
+    between copies of a model whose variable paths differ: a `Sequential`
+    model built at construction has paths under its own name, one rebuilt
+    from its config (a loaded file, a checkpoint's copy) does not.
     """
+    index = {}
+    if model is not None:
+        for i, variable in enumerate(model.weights):
+            index.setdefault(variable.path.replace("/", "_"), i)
     ranks: dict[str, int] = {}
     keys = []
     for variable in optimizer.variables:
         prefix, _, rest = variable.path.partition("/")
-        keys.append(f"{ranks.setdefault(prefix, len(ranks))}/{rest}")
+        keys.append(f"{ranks.setdefault(prefix, len(ranks))}/{_slot_name(rest, index)}")
     return keys
 
 
-def optimizer_state(optimizer) -> dict[str, object]:
-    """`{state key: variable}` of a built optimizer."""
-    return dict(zip(state_keys(optimizer), optimizer.variables))
+def _slot_name(rest: str, index: dict[str, int]) -> str:
+    """`rest` with its longest leading model-variable path replaced by `#<index>`.
+
+    Keras names a slot `<variable path with "/" as "_">_<slot>`.
+    """
+    cut = len(rest)
+    while index and cut > 0:
+        cut = rest.rfind("_", 0, cut)
+        if cut <= 0:
+            break
+        found = index.get(rest[:cut])
+        if found is not None:
+            return f"#{found}{rest[cut:]}"
+    return rest
+
+
+def optimizer_state(optimizer, model: keras.Model | None = None) -> dict[str, object]:
+    """`{state key: variable}` of a built optimizer (see `state_keys`)."""
+    return dict(zip(state_keys(optimizer, model), optimizer.variables))
 
 
 def copy_optimizer_state(source, target) -> list[str]:
@@ -131,7 +157,10 @@ def apply_trainable_flags(model: keras.Model, flags: list[bool]) -> None:
 
 
 def restore_optimizer_state(model: keras.Model, values: dict[str, object]) -> None:
-    """Puts saved optimizer values (by state key) into `model.optimizer`, building it as needed.
+    """Puts saved optimizer values into `model.optimizer`, building it as needed.
+
+    `values` is keyed by `state_keys(optimizer, model)` of the model they
+    come from (a copy of `model`'s architecture).
 
     Raises:
         ValueError: some saved variable has no counterpart in the model's
@@ -144,9 +173,9 @@ def restore_optimizer_state(model: keras.Model, values: dict[str, object]) -> No
     # `compile_from_config` builds the optimizer over every variable trainable
     # then; a file must hold exactly the slots of the trainable set now, or
     # `load_model` skips the whole optimizer state.
-    if set(values) != set(state_keys(optimizer)):
+    if set(values) != set(state_keys(optimizer, model)):
         optimizer = rebuild_optimizer(model)
-    targets = optimizer_state(optimizer)
+    targets = optimizer_state(optimizer, model)
     missing = set(values) - set(targets)
     if missing:
         raise ValueError(

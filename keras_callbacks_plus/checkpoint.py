@@ -330,7 +330,7 @@ class ParallelModelCheckpoint(PlusCallback):
                     model.optimizer.variables, out=self._buffers.get("optimizer")
                 )
                 self._buffers["optimizer"] = values
-                optimizer = dict(zip(_optimizers.state_keys(model.optimizer), values))
+                optimizer = dict(zip(_optimizers.state_keys(model.optimizer, model), values))
         if self._shadow is None and self._shadow_recipe is None:
             # The writer thread must not touch the trained model (on JAX,
             # reading it syncs or races with the training state), so it gets
@@ -525,7 +525,7 @@ def resume(
                     f"resume() restores optimizer state, but model {model.name!r} is not "
                     "compiled. Compile it (as for training) before resume()."
                 )
-            saved_state = _optimizers.optimizer_state(saved_optimizer)
+            saved_state = _optimizers.optimizer_state(saved_optimizer, saved)
             _optimizers.restore_optimizer_state(
                 model, {k: keras.ops.convert_to_numpy(v) for k, v in saved_state.items()}
             )

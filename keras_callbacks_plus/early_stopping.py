@@ -8,8 +8,9 @@ same decision on every worker.
 
 Batch-level checks (`check_finite`, `max_time`) need `on_train_batch_end`,
 and a callback that defines it turns off Keras's asynchronous batch-end
-dispatch. So the hook lives in a private subclass, which the constructor
-picks only when one of those checks is on.
+dispatch unless it declares itself `async_safe`. So the hook lives in a
+private subclass, which the constructor picks only when one of those checks
+is on, and which is async-safe in a single process.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from typing import Any
 
@@ -36,6 +38,7 @@ _STATE_VERSION = 1
 # drops to 1 once any worker expects the budget to run out before the next vote.
 _VOTE_INTERVAL_S = 1.0
 _MAX_STRIDE = 4096
+_BATCH_STOP_LOCK = threading.Lock()
 
 
 def _clock() -> float:
@@ -134,6 +137,15 @@ class RobustEarlyStopping(PlusCallback):
     Best weights are a host-memory copy (`get_weights()`), taken only when the
     value improves, and restored at the end of `fit` whether or not this
     callback stopped it. With a `data_parallel` twin they go to every replica.
+
+    The batch-level checks (`check_finite`, `max_time`) read the training
+    loss and the clock after each batch. In one process the callback is
+    `async_safe`: when no other callback needs batch ends in order (e.g.
+    `verbose=0`), Keras's JAX trainer keeps dispatching steps while they are
+    checked on its background threads instead of waiting for each loss, and
+    the stop then takes effect one or a few steps after the batch it reports
+    (`stopped_batch` is still the first bad batch, and the best weights are
+    restored as always). Otherwise, as on TensorFlow, no step runs after it.
 
     On several workers every worker stops at the same step: epoch decisions
     use the globally reduced logs, and workers vote on `max_time` through
@@ -526,16 +538,37 @@ class RobustEarlyStopping(PlusCallback):
 class _RobustEarlyStoppingWithBatchChecks(RobustEarlyStopping):
     """RobustEarlyStopping with `check_finite` or `max_time`: checks after every batch."""
 
+    @property
+    def async_safe(self) -> bool:
+        """Whether Keras may run the batch hook on its background threads.
+
+        Keras reads this when `fit` starts; only its JAX trainer then keeps
+        dispatching steps while batch ends are handled, so a step no longer
+        waits for the previous one's loss to reach the host. The stop takes
+        effect a step or two after the batch it names. With several workers
+        every one must stop at the same step (and `max_time` votes in
+        collectives), so there the hook runs in order, after each step.
+        """
+        return distribute.num_workers() == 1
+
     def on_train_batch_end(self, batch, logs=None):
+        reason = value = None
         if self.check_finite and logs:
             loss = logs.get("loss")
             if loss is not None and not math.isfinite(loss):
-                self._stop("non_finite", batch, float(loss))
-                return
+                reason, value = "non_finite", float(loss)
         # After an epoch's last batch the epoch-end check comes next: it
         # evaluates the complete epoch first.
-        if self.max_time is not None and batch + 1 != self._steps and self._time_is_up():
-            self._stop("max_time", batch)
+        if reason is None and (
+            self.max_time is not None and batch + 1 != self._steps and self._time_is_up()
+        ):
+            reason = "max_time"
+        if reason is None:
+            return
+        # Hooks on Keras's threads may finish out of order: the first batch wins.
+        with _BATCH_STOP_LOCK:
+            if self.stopped_batch is None or batch < self.stopped_batch:
+                self._stop(reason, batch, value)
 
 
 # Keras and ParallelModelCheckpoint name callbacks by class name: one name for both.

@@ -439,6 +439,40 @@ def test_file_saved_with_frozen_layers_loads_with_its_optimizer_state(
         np.testing.assert_array_equal(a, b)
 
 
+def test_sequential_model_saves_and_resumes_its_optimizer_state(tmp_path, tiny_data):
+    """A Sequential built at construction has variable paths under its name; its copies do not.
+
+    The checkpoint's single-device copy and the model `load_model` returns are
+    rebuilt from the config, so optimizer slots are matched by the model
+    variable they belong to, not by path.
+    """
+    x, y = tiny_data
+
+    def sequential():
+        keras.utils.set_random_seed(5)
+        return _compiled(keras.Sequential([
+            keras.Input(x.shape[1:]), keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(int(y.max()) + 1),
+        ]))
+
+    model = sequential()
+    assert model.weights[0].path.startswith(model.name + "/")
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0,
+              callbacks=[ParallelModelCheckpoint(str(tmp_path / "m.keras"))])
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert not loaded.weights[0].path.startswith(model.name + "/")
+    trained = [keras.ops.convert_to_numpy(v) for v in model.optimizer.variables]
+    restored = [keras.ops.convert_to_numpy(v) for v in loaded.optimizer.variables]
+    assert len(restored) == len(trained) == 2 + 2 * 4
+    for a, b in zip(trained, restored):
+        np.testing.assert_array_equal(a, b)
+
+    resumed = sequential()
+    assert resume(resumed, tmp_path / "m.keras") == 2
+    for a, b in zip(trained, resumed.optimizer.variables):
+        np.testing.assert_array_equal(a, keras.ops.convert_to_numpy(b))
+
+
 class _Counter(PlusCallback):
     """A sibling whose state changes in on_epoch_end."""
 

@@ -374,11 +374,21 @@ def test_batch_hook_only_with_batch_level_checks(model):
         # One name either way: ParallelModelCheckpoint files states by class name.
         assert type(checking).__name__ == type(quiet).__name__ == "RobustEarlyStopping"
     # Keras keeps its asynchronous batch-end dispatch (a JAX feature: TensorFlow
-    # dispatches synchronously anyway) only without a batch hook.
+    # dispatches synchronously anyway): the batch hook is async-safe in one process.
     quiet_list = keras.callbacks.CallbackList([quiet], model=model)
     checking_list = keras.callbacks.CallbackList([RobustEarlyStopping()], model=model)
     assert quiet_list._async_train is (BACKEND == "jax")
-    assert checking_list._async_train is False
+    assert checking_list._async_train is (BACKEND == "jax")
+
+
+def test_batch_hook_runs_in_order_on_several_workers(model, monkeypatch):
+    # Every worker must stop at the same step, and max_time votes are collectives.
+    monkeypatch.setattr(distribute, "num_workers", lambda: 2)
+    checking = RobustEarlyStopping(max_time=60)
+    assert checking.async_safe is False
+    assert keras.callbacks.CallbackList([checking], model=model)._async_train is False
+    monkeypatch.setattr(distribute, "num_workers", lambda: 1)
+    assert checking.async_safe is True
 
 
 def test_verbose_says_why_and_what_was_restored(model, capsys):
@@ -473,27 +483,65 @@ def _poisoned_batches(x, y, batch_size, bad_step):
             step += 1
 
 
+class BatchCounter(keras.callbacks.Callback):
+    """A batch hook that is not async-safe: Keras then handles batch ends in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+
+
 @pytest.mark.parametrize("check_finite", [True, False])
 def test_nan_loss_stops_in_its_batch(tiny_model, tiny_data, check_finite):
     x, y = tiny_data[0][:64], tiny_data[1][:64]  # 4 batches of 16 per epoch
     net = _compiled(tiny_model)
-    recorder = WeightRecorder()
+    recorder, counter = WeightRecorder(), BatchCounter()
     stopper = RobustEarlyStopping("loss", check_finite=check_finite)
     history = net.fit(
         _poisoned_batches(x, y, 16, bad_step=6), steps_per_epoch=4, epochs=4, shuffle=False,
-        verbose=0, callbacks=[stopper, recorder],
+        verbose=0, callbacks=[stopper, recorder, counter],
     )
     assert len(history.epoch) == 2
     if check_finite:
         # Batch 3 of epoch 2 (0-based: 1, 2) gave NaN: nothing ran after it.
         assert (stopper.stop_reason, stopper.stopped_epoch, stopper.stopped_batch) == (
             "non_finite", 1, 2)
-        assert int(net.optimizer.iterations) == 4 + 3
+        assert int(net.optimizer.iterations) == counter.batches == 4 + 3
     else:
         # Without the batch check the epoch runs to its end, then NaN is no improvement.
         assert (stopper.stop_reason, stopper.stopped_epoch) == ("patience", 1)
         assert int(net.optimizer.iterations) == 4 + 4
     assert not np.isfinite(history.history["loss"][1])
+    assert stopper.best_epoch == 0
+    _assert_weights_equal(net.get_weights(), recorder.weights[0])
+
+
+def test_nan_loss_checked_off_the_training_thread(tiny_model, tiny_data):
+    """With no other batch hook, JAX keeps dispatching steps while the loss is checked."""
+    import threading
+
+    x, y = tiny_data[0][:64], tiny_data[1][:64]
+    net = _compiled(tiny_model)
+    recorder = WeightRecorder()
+    stopper = RobustEarlyStopping("loss")
+    threads = []
+    stop = stopper._stop
+    stopper._stop = lambda *a, **k: (threads.append(threading.current_thread()), stop(*a, **k))
+    history = net.fit(
+        _poisoned_batches(x, y, 16, bad_step=6), steps_per_epoch=4, epochs=4, shuffle=False,
+        verbose=0, callbacks=[stopper, recorder],
+    )
+    assert threads == [threading.main_thread()] if BACKEND == "tensorflow" else (
+        len(threads) >= 1 and threading.main_thread() not in threads)
+    # The first bad batch is reported, whichever check finished first.
+    assert (stopper.stop_reason, stopper.stopped_epoch, stopper.stopped_batch) == (
+        "non_finite", 1, 2)
+    assert len(history.epoch) == 2
+    # The stop took effect in that epoch, at most one step late here.
+    assert int(net.optimizer.iterations) in ((4 + 3,) if BACKEND == "tensorflow" else (7, 8))
     assert stopper.best_epoch == 0
     _assert_weights_equal(net.get_weights(), recorder.weights[0])
 

@@ -26,14 +26,14 @@ def _weights(model):
     return {v.path: keras.ops.convert_to_numpy(v).copy() for v in model.weights}
 
 
-def _values(optimizer):
+def _values(optimizer, model=None):
     """Optimizer state by key (see `_optimizers.state_keys`), as numpy arrays."""
-    state = _optimizers.optimizer_state(optimizer)
+    state = _optimizers.optimizer_state(optimizer, model)
     return {k: keras.ops.convert_to_numpy(v).copy() for k, v in state.items()}
 
 
 def _optimizer_values(model):
-    return _values(model.optimizer)
+    return _values(model.optimizer, model)
 
 
 class Probe(keras.callbacks.Callback):
@@ -224,7 +224,7 @@ def test_stage_change_keeps_slots_bitwise_and_gives_fresh_ones(name):
     assert int(old[next(k for k in old if k.endswith("/iteration"))]) == 8
     fresh = type(model.optimizer).from_config(model.optimizer.get_config())
     fresh.build(model.trainable_variables)
-    _assert_same(_values(fresh), new, set(new) - set(old))  # new slots start as in a new optimizer
+    _assert_same(_values(fresh, model), new, set(new) - set(old))  # new slots start as in a new optimizer
     _assert_same(before.seen[0]["weights"], after.seen[2]["weights"], HIDDEN)
     _assert_changed(after.seen[2]["weights"], _weights(model), HIDDEN + HEAD)
 
