@@ -35,9 +35,9 @@ args = _bench.parse_args(
     lambda p: (
         p.add_argument("--rounds", type=int, default=2, help="interleaved fit rounds"),
         p.add_argument("--epochs", type=int, default=3, help="epochs per fit"),
-        p.add_argument("--steps", type=int, default=16, help="steps per epoch"),
+        p.add_argument("--steps", type=int, default=12, help="steps per epoch"),
         p.add_argument("--saves", type=int, default=3, help="timed saves per callback"),
-        p.add_argument("--pause", type=float, default=4.0, help="seconds between saves"),
+        p.add_argument("--pause", type=float, default=3.0, help="seconds between saves"),
     ),
 )
 

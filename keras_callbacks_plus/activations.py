@@ -17,80 +17,50 @@ back and are dropped, so nothing the model holds changes.
 
 Statistics stream over the probe's batches; the host keeps a fixed-size
 summary per layer and phase, so memory does not grow with the probe (beyond
-one batch) or with the epochs. Mean and standard deviation come from float32
-sums of values and squares over rows of 1024 values, merged in float64 (Chan
-et al.): the variance's relative error is about 1e-7 * (mean / std)**2, so
-negligible unless |mean| is hundreds of times std. Min, max, the zero and
-non-finite counts and the histogram are exact. The histogram's edges are fixed at the first logged
-epoch, as `(k + j) * 2**e` covering its range; later values outside them
-are counted as underflow and overflow.
-
-Percentiles come from a quantile sketch with a bucket per sign, binary
-exponent and top 7 mantissa bits of each float32 value (as HDR histograms
-do), so its bucket boundaries are exact. Every value `v` with
-`2**-30 <= |v| < 2**41` is represented within 1/256 (0.39%) of itself; smaller
-magnitudes (except exact zeros, which have their own bucket) within 2**-30.
-A percentile is interpolated between the two ranks around it, as NumPy's
-default `linear` method does, so it is within 0.39% of the larger of those
-two values of `numpy.percentile` on the same data; it is clipped to the exact
-min and max.
+one batch) or with the epochs. Min, max, the zero and non-finite counts and
+the histogram are exact; mean and standard deviation are merged in float64
+from float32 sums over rows of 1024 values; percentiles come from a quantile
+sketch, within 0.39% of NumPy's (see `_activation_stats` for the bounds).
+The histogram's edges are fixed at the first logged epoch, as
+`(k + j) * 2**e` covering its range; later values outside them are counted
+as underflow and overflow.
 """
 
 from __future__ import annotations
 
 import datetime
 import fnmatch
-import importlib.metadata
 import json
 import logging
 import math
 import os
-import sys
 import time
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
-import h5py
 import keras
 import numpy as np
 
-from keras_callbacks_plus import distribute
+from keras_callbacks_plus import _activation_stats, distribute
+from keras_callbacks_plus._activation_log import (
+    LOCK_WAIT_AT_END_S,
+    PHASES,
+    STATISTICS,
+    H5Log,
+    Record,
+    TensorBoardWriter,
+    read_activation_log,
+    versions,
+)
 from keras_callbacks_plus._base import PlusCallback
 
 __all__ = ["ActivationLogger", "intermediate_outputs", "layer_paths", "read_activation_log"]
 
 logger = logging.getLogger(__name__)
 
-PHASES = ("test", "train")
-STATISTICS = ("mean", "std", "min", "max", "zero_frac", "nonfinite_frac")
 _DEFAULT_SCALARS = ("mean", "std", "zero_frac", "nonfinite_frac")
-_FORMAT = "keras_callbacks_plus.activation_log"
-_FORMAT_VERSION = 1
-
-# The quantile sketch: a bucket per sign, binary exponent and top
-# `_MANTISSA_BITS` mantissa bits of a float32, for magnitudes from 2**-30 to
-# 2**41 (smaller ones share the lowest bucket, larger ones the highest).
-_MANTISSA_BITS = 7
-_TOP_LOW = (127 - 30) << _MANTISSA_BITS
-_TOP_HIGH = ((127 + 40) << _MANTISSA_BITS) | ((1 << _MANTISSA_BITS) - 1)
-_TOP_NONFINITE = 255 << _MANTISSA_BITS
-_MAGNITUDES = _TOP_HIGH - _TOP_LOW + 1
-# Ordered buckets: negatives (largest magnitude first), zero, positives.
-_SKETCH_SIZE = 2 * _MAGNITUDES + 1
-_TOPS = np.arange(_TOP_LOW, _TOP_HIGH + 1)
-_REPRESENTATIVES = np.ldexp(
-    1.0 + ((_TOPS & ((1 << _MANTISSA_BITS) - 1)) + 0.5) / (1 << _MANTISSA_BITS),
-    (_TOPS >> _MANTISSA_BITS) - 127,
-)
-_SKETCH_VALUES = np.concatenate([-_REPRESENTATIVES[::-1], [0.0], _REPRESENTATIVES])
-# Values per row of the device-side summary (see _summarize).
-_ROW = 1024
-
-# How long a write waits for a reader that holds the HDF5 file (HDF5 locks it).
-_LOCK_WAIT_S = 2.0
-_LOCK_WAIT_AT_END_S = 10.0
 
 
 # ---------------------------------------------------------------- layers
@@ -244,202 +214,6 @@ def _build_extractor(model: keras.Model, paths: Sequence[str]) -> tuple[keras.Mo
 # ------------------------------------------------------------ evaluation
 
 
-def _summarize(outputs, edges):
-    """Per-batch summary of all outputs at once, on the device (keras.ops only).
-
-    The outputs are flattened into rows of `_ROW` values (a layer's last row
-    padded with copies of its first value), so that a fixed number of
-    operations serves any number of layers: XLA compiles one reduction per
-    layer slowly. Per row: sum, sum of squares, min and max, over all values
-    (fast) or, if some value is not finite, over the finite ones. Per
-    output: the quantile sketch and the histogram over `edges` (one row of
-    `bins + 1` edges per output, multiples of a power of two), both by
-    integer keys, so bucket boundaries are exact.
-    """
-    ops = keras.ops
-    rows, layer_of_row, valid_of_row = [], [], []
-    for i, y in enumerate(outputs):
-        size = int(np.prod(y.shape))
-        count = -(-size // _ROW)
-        flat = ops.reshape(ops.cast(y, "float32"), (-1,))
-        if count * _ROW > size:
-            start = (count - 1) * _ROW
-            flat = ops.concatenate(
-                [flat, ops.broadcast_to(flat[start:start + 1], (count * _ROW - size,))]
-            )
-        rows.append(ops.reshape(flat, (count, _ROW)))
-        layer_of_row.append(ops.full((count,), i, "int32"))
-        valid_of_row.append(ops.minimum(_ROW, size - _ROW * ops.arange(count, dtype="int32")))
-    x = ops.concatenate(rows, axis=0)
-    layer = ops.concatenate(layer_of_row)
-    valid = ops.concatenate(valid_of_row)
-    inside = ops.expand_dims(ops.arange(_ROW, dtype="int32"), 0) < ops.expand_dims(valid, 1)
-
-    def plain():  # the padding copies a row's first value: corrected on the host
-        return (ops.sum(x, axis=1), ops.sum(ops.square(x), axis=1),
-                ops.min(x, axis=1), ops.max(x, axis=1))
-
-    def masked():
-        keep = ops.logical_and(ops.isfinite(x), inside)
-        safe = ops.where(keep, x, 0.0)
-        return (ops.sum(safe, axis=1), ops.sum(ops.square(safe), axis=1),
-                ops.min(ops.where(keep, x, np.inf), axis=1),
-                ops.max(ops.where(keep, x, -np.inf), axis=1))
-
-    # A row sum is finite unless the row holds a non-finite value (or overflows).
-    all_finite = ops.all(ops.isfinite(ops.sum(x, axis=1)))
-    row_sum, row_squares, row_min, row_max = ops.cond(all_finite, plain, masked)
-    summary = {
-        "layer": layer, "valid": valid, "first": x[:, 0], "masked": ops.logical_not(all_finite),
-        "sum": row_sum, "squares": row_squares, "min": row_min, "max": row_max,
-    }
-    # Sketch key from the float's bits: sign, exponent and the top mantissa bits.
-    magnitude = ops.bitwise_and(ops.view(x, "int32"), 0x7FFFFFFF)
-    top = ops.right_shift(magnitude, 23 - _MANTISSA_BITS)
-    index = ops.clip(top, _TOP_LOW, _TOP_HIGH) - _TOP_LOW
-    key = ops.where(ops.view(x, "int32") < 0, _MAGNITUDES - 1 - index, _MAGNITUDES + 1 + index)
-    key = ops.where(ops.equal(magnitude, 0), _MAGNITUDES, key)
-    dropped = ops.logical_or(top >= _TOP_NONFINITE, ops.logical_not(inside))
-    key = ops.where(dropped, _SKETCH_SIZE, key)
-    offset = ops.expand_dims(layer, 1)
-    key = ops.reshape(key + offset * (_SKETCH_SIZE + 1), (-1,))
-    summary["sketch"] = ops.segment_sum(
-        ops.ones_like(key), key, num_segments=len(outputs) * (_SKETCH_SIZE + 1)
-    )
-    # Edges are (first + j) * width with width a power of two, so
-    # floor(x / width) is exact. Slot 0: below the first edge; 1..bins: the
-    # bins; bins + 1: above the last edge (the last bin is closed).
-    bins = edges.shape[1] - 1
-    width = edges[:, 1] - edges[:, 0]
-    first = ops.expand_dims(ops.take(edges[:, 0] / width, layer), 1)
-    scale = ops.expand_dims(ops.take(1.0 / width, layer), 1)
-    slot = ops.clip(ops.floor(x * scale), first - 1, first + bins) - first + 1
-    slot = ops.cast(slot, "int32")
-    slot = ops.where(ops.equal(x, ops.expand_dims(ops.take(edges[:, -1], layer), 1)), bins, slot)
-    slot = ops.where(dropped, bins + 2, slot)
-    slot = ops.reshape(slot + offset * (bins + 3), (-1,))
-    summary["histogram"] = ops.segment_sum(
-        ops.ones_like(slot), slot, num_segments=len(outputs) * (bins + 3)
-    )
-    return summary
-
-
-class _Stats:
-    """Streaming statistics of several outputs over batches; fixed size."""
-
-    def __init__(self, outputs: int):
-        self.outputs = outputs
-        self.total = np.zeros(outputs, np.int64)
-        self.count = np.zeros(outputs, np.int64)
-        self.mean = np.zeros(outputs, np.float64)
-        self.m2 = np.zeros(outputs, np.float64)
-        self.low = np.full(outputs, np.inf)
-        self.high = np.full(outputs, -np.inf)
-        self.sketch = np.zeros((outputs, _SKETCH_SIZE), np.int64)
-        self.histogram: np.ndarray | None = None
-
-    def add(self, summary: Mapping[str, np.ndarray]) -> None:
-        layer, n = summary["layer"], self.outputs
-
-        def per_output(values):
-            return np.bincount(layer, weights=np.asarray(values, np.float64), minlength=n)
-
-        sketch = summary["sketch"].reshape(n, -1)[:, :_SKETCH_SIZE]
-        count = sketch.sum(axis=1)
-        sums, squares = per_output(summary["sum"]), per_output(summary["squares"])
-        if not summary["masked"]:
-            # Remove the padding: copies of the first value of each output's last row.
-            padding = per_output(_ROW - summary["valid"])
-            last = np.searchsorted(layer, np.arange(n), side="right") - 1
-            value = summary["first"][last].astype(np.float64)
-            sums -= padding * value
-            squares -= padding * value * value
-        mean = sums / np.maximum(count, 1)
-        m2 = np.maximum(squares - count * mean * mean, 0.0)
-        # This batch merges with the previous ones (Chan et al.).
-        merged = self.count + count
-        delta = mean - self.mean
-        weight = np.divide(count, merged, out=np.zeros(n), where=merged > 0)
-        self.m2 += m2 + delta**2 * self.count * weight
-        self.mean += delta * weight
-        self.count = merged
-        self.total += per_output(summary["valid"]).astype(np.int64)
-        np.minimum.at(self.low, layer, summary["min"].astype(np.float64))
-        np.maximum.at(self.high, layer, summary["max"].astype(np.float64))
-        self.sketch += sketch
-        if "histogram" in summary:
-            histogram = summary["histogram"].reshape(n, -1)[:, :-1].astype(np.int64)
-            self.histogram = histogram if self.histogram is None else self.histogram + histogram
-
-    def percentiles(self, i: int, levels: Sequence[float]) -> np.ndarray:
-        n, low, high = int(self.count[i]), self.low[i], self.high[i]
-        if not n:
-            return np.full(len(levels), np.nan)
-        ranks = (n - 1) * np.asarray(levels, np.float64) / 100.0
-        below = np.floor(ranks).astype(np.int64)
-        above = np.minimum(below + 1, n - 1)
-        cumulative = np.cumsum(self.sketch[i])
-
-        def value(rank):
-            found = np.clip(_SKETCH_VALUES[np.searchsorted(cumulative, rank, side="right")],
-                            low, high)
-            return np.where(rank == 0, low, np.where(rank == n - 1, high, found))
-
-        low_values = value(below)
-        return low_values + (ranks - below) * (value(above) - low_values)
-
-    def result(self, i: int, levels: Sequence[float]) -> dict[str, Any]:
-        """The statistics of output `i` as a dict of floats and arrays."""
-        count, total = int(self.count[i]), max(int(self.total[i]), 1)
-        finite = count > 0
-        result = {
-            "count": int(self.total[i]),
-            "mean": float(self.mean[i]) if finite else math.nan,
-            "std": math.sqrt(max(self.m2[i], 0.0) / count) if finite else math.nan,
-            "min": float(self.low[i]) if finite else math.nan,
-            "max": float(self.high[i]) if finite else math.nan,
-            "zero_frac": int(self.sketch[i, _MAGNITUDES]) / total,
-            "nonfinite_frac": (int(self.total[i]) - count) / total,
-            "percentiles": self.percentiles(i, levels),
-        }
-        if self.histogram is not None:
-            result["underflow"] = int(self.histogram[i, 0])
-            result["histogram"] = self.histogram[i, 1:-1].copy()
-            result["overflow"] = int(self.histogram[i, -1])
-        return result
-
-
-def _fixed_edges(low: float, high: float, bins: int) -> np.ndarray:
-    """`bins + 1` edges `(first + j) * width` covering [low, high], width a power of two.
-
-    Power-of-two widths make a value's bin exact in float32 arithmetic on the
-    device. The bins are at most about twice as wide as a tight fit; the span
-    is at least 1e-4 of the largest magnitude.
-    """
-    if not (math.isfinite(low) and math.isfinite(high)):
-        low, high = -1.0, 1.0
-    span = max(high - low, 1e-4 * max(abs(low), abs(high)), 2.0**-60)
-    exponent = math.floor(math.log2(span / bins))
-    while True:
-        width = 2.0**exponent
-        first = math.floor(low / width)
-        if (first + bins) * width >= high:
-            break
-        exponent += 1
-    return (first + np.arange(bins + 1, dtype=np.float64)) * width
-
-
-def _aligned(edges: Sequence[float], bins: int) -> bool:
-    """Whether `edges` are `bins + 1` edges as `_fixed_edges` makes them."""
-    edges = np.asarray(edges, np.float64)
-    if edges.shape != (bins + 1,) or not np.all(np.isfinite(edges)):
-        return False
-    width = edges[1] - edges[0]
-    first = edges[0] / width
-    return (width > 0 and math.frexp(width)[0] == 0.5 and first == math.floor(first)
-            and np.array_equal(edges, (first + np.arange(bins + 1)) * width))
-
-
 class _Evaluator:
     """Runs the chosen layers of a model statelessly, compiled once per phase."""
 
@@ -460,7 +234,7 @@ class _Evaluator:
                 outputs = keras.tree.flatten(outputs)
                 if not summarize:
                     return outputs, non_trainable
-                return _summarize(outputs, edges), non_trainable
+                return _activation_stats.summarize(outputs, edges), non_trainable
 
             self._functions[key] = distribute.compile_function(run)
         return self._functions[key]
@@ -488,7 +262,7 @@ class _Evaluator:
         return [keras.ops.convert_to_numpy(y) for y in outputs]
 
     def statistics(self, model, batches, training: bool, edges: np.ndarray,
-                   keep_histogram: bool = True) -> _Stats:
+                   keep_histogram: bool = True) -> _activation_stats.Stats:
         """Streams `batches` through the layers; `edges` has shape `(outputs, bins + 1)`.
 
         With `keep_histogram=False` the edges are placeholders (the first
@@ -498,7 +272,7 @@ class _Evaluator:
         trainable, non_trainable = self.state(model)
         function = self._function(training, True)
         edges = keras.ops.convert_to_tensor(np.asarray(edges, np.float32))
-        stats = _Stats(len(self.names))
+        stats = _activation_stats.Stats(len(self.names))
         for x in batches:
             # Seed states move on from batch to batch, as in a real epoch;
             # the updates are dropped after the probe.
@@ -677,201 +451,6 @@ def intermediate_outputs(
     return dict(zip(evaluator.names, evaluator.outputs(model, x, bool(training))))
 
 
-# --------------------------------------------------------------- writers
-
-
-class _Record(NamedTuple):
-    """The statistics of one output in one phase at one logged epoch."""
-
-    phase: str
-    name: str
-    shape: tuple
-    result: dict[str, Any]
-    edges: np.ndarray
-
-
-def _versions() -> dict[str, str]:
-    found = {"python": sys.version.split()[0]}
-    for name in ("keras", "numpy", "h5py", "tensorflow", "tensorflow-cpu", "jax", "jaxlib"):
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    try:
-        from keras_callbacks_plus import __version__
-
-        found["keras_callbacks_plus"] = __version__
-    except ImportError:
-        pass
-    return found
-
-
-def _open_h5(path: str | os.PathLike, mode: str, wait: float) -> h5py.File:
-    """Opens `path`, waiting up to `wait` seconds while another process holds it.
-
-    HDF5 locks a file while it is open: a reader blocks the writer and the
-    other way round. Writer and readers here keep it open only briefly.
-    """
-    deadline = time.monotonic() + wait
-    delay = 0.01
-    while True:
-        try:
-            return h5py.File(path, mode)
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(delay)
-            delay = min(2 * delay, 0.2)
-
-
-def _group_name(path: str) -> str:
-    return path.replace("/", "|")
-
-
-class _H5Log:
-    """One run of an HDF5 activation log, written by reopening the file per epoch.
-
-    Closing the file after each epoch flushes it and releases HDF5's lock,
-    so another process can read it while training runs. Records that cannot
-    be written because a reader holds the file stay pending until the next
-    write.
-    """
-
-    def __init__(self, path: str | os.PathLike, run_attrs: dict[str, Any], resume: str | None):
-        self.path = Path(path)
-        # Each layer group repeats these, so that a group read alone says what made it.
-        self.layer_attrs = {k: run_attrs[k] for k in ("backend", "versions", "percentile_levels")}
-        self.pending: list[tuple[int, list]] = []
-        self._warned = False
-        parent = self.path.parent
-        if not parent.is_dir():
-            raise ValueError(
-                f"Invalid value for argument h5_path. Its folder {str(parent)!r} "
-                f"does not exist. Received: h5_path={str(path)!r}"
-            )
-        try:
-            with _open_h5(self.path, "a", _LOCK_WAIT_S) as f:
-                if f.attrs.get("format") != _FORMAT:
-                    if len(f) or len(f.attrs):
-                        raise ValueError(
-                            f"Invalid value for argument h5_path. {str(path)!r} is an "
-                            "HDF5 file but not an activation log; ActivationLogger "
-                            "never overwrites a file. Choose another path."
-                        )
-                    f.attrs["format"] = _FORMAT
-                    f.attrs["format_version"] = _FORMAT_VERSION
-                if resume is not None and resume in f:
-                    self.run = resume
-                else:
-                    taken = [int(k[4:]) for k in f if k.startswith("run_") and k[4:].isdigit()]
-                    self.run = f"run_{max(taken, default=-1) + 1:03d}"
-                    group = f.create_group(self.run)
-                    for key, value in run_attrs.items():
-                        group.attrs[key] = value
-        except ValueError:
-            raise
-        except OSError as error:
-            raise ValueError(
-                f"Invalid value for argument h5_path. Cannot write the activation "
-                f"log {str(path)!r}: {error}"
-            ) from error
-
-    def append(self, epoch: int, records: list[_Record]) -> None:
-        self.pending.append((epoch, records))
-        self.flush(_LOCK_WAIT_S)
-
-    def flush(self, wait: float) -> None:
-        """Writes the pending records; keeps them if a reader holds the file longer than `wait`."""
-        if not self.pending:
-            return
-        try:
-            with _open_h5(self.path, "a", wait) as f:
-                run = f[self.run]
-                for epoch, records in self.pending:
-                    for record in records:
-                        self._write(run, epoch, record)
-            self.pending.clear()
-        except BlockingIOError:
-            if not self._warned:
-                warnings.warn(
-                    f"ActivationLogger: {str(self.path)!r} is held open by another "
-                    "process; its records are kept and written at the next epoch. "
-                    "Read it with read_activation_log(), which closes it quickly.",
-                    stacklevel=3,
-                )
-                self._warned = True
-
-    def _write(self, run, epoch: int, record: _Record) -> None:
-        group = run.require_group(record.phase)
-        key = _group_name(record.name)
-        if key not in group:
-            g = group.create_group(key)
-            g.attrs.update(self.layer_attrs)
-            g.attrs["layer_path"] = record.name
-            g.attrs["phase"] = record.phase
-            g.attrs["output_shape"] = [-1 if d is None else d for d in record.shape]
-            g.attrs["bin_edges"] = record.edges
-            bins, levels = len(record.edges) - 1, len(self.layer_attrs["percentile_levels"])
-            for field, dtype, width in (
-                ("epoch", np.int64, None),
-                ("count", np.int64, None),
-                *((s, np.float64, None) for s in STATISTICS),
-                ("percentiles", np.float64, levels),
-                ("histogram", np.int64, bins),
-                ("underflow", np.int64, None),
-                ("overflow", np.int64, None),
-            ):
-                shape = (0,) if width is None else (0, width)
-                g.create_dataset(field, shape=shape, maxshape=(None, *shape[1:]),
-                                 dtype=dtype, chunks=(64, *shape[1:]))
-        g = group[key]
-        row = g["epoch"].shape[0]
-        values = {"epoch": epoch, **record.result}
-        for field, dataset in g.items():
-            dataset.resize(row + 1, axis=0)
-            dataset[row] = values[field]
-
-
-class _TensorBoardWriter:
-    """Activation histograms in TensorBoard's format, through tf.summary."""
-
-    def __init__(self, logdir: str | os.PathLike):
-        first_import = "tensorflow" not in sys.modules
-        import tensorflow as tf
-
-        if first_import:
-            # Imported only to write summaries (JAX backend): keep TF off the GPUs.
-            try:
-                tf.config.set_visible_devices([], "GPU")
-            except RuntimeError:
-                pass
-        self._tf = tf
-        self._writer = tf.summary.create_file_writer(str(logdir))
-        metadata = tf.compat.v1.SummaryMetadata()
-        metadata.plugin_data.plugin_name = "histograms"
-        self._metadata = metadata.SerializeToString()
-
-    def write(self, epoch: int, records: list[_Record]) -> None:
-        tf = self._tf
-        with self._writer.as_default():
-            for phase, name, _, result, edges in records:
-                rows = [[l, r, c] for l, r, c in zip(edges[:-1], edges[1:], result["histogram"])]
-                if result["underflow"]:
-                    rows.insert(0, [result["min"], edges[0], result["underflow"]])
-                if result["overflow"]:
-                    rows.append([edges[-1], result["max"], result["overflow"]])
-                tf.summary.write(
-                    f"activations_{phase}/{name}",
-                    tf.constant(rows, tf.float64),
-                    step=epoch,
-                    metadata=self._metadata,
-                )
-        self._writer.flush()
-
-    def close(self) -> None:
-        self._writer.close()
-
-
 # -------------------------------------------------------------- callback
 
 
@@ -1040,8 +619,8 @@ class ActivationLogger(PlusCallback):
         self._paths: list[str] = []
         self._evaluator: _Evaluator | None = None
         self._edges: dict[str, dict[str, list[float]]] = {}
-        self._h5: _H5Log | None = None
-        self._tensorboard: _TensorBoardWriter | None = None
+        self._h5: H5Log | None = None
+        self._tensorboard: TensorBoardWriter | None = None
         self._evaluates = False
         self._writes = False
         self._run: str | None = None
@@ -1082,17 +661,17 @@ class ActivationLogger(PlusCallback):
                                        self._placeholder_edges(), keep_histogram=False)
         self._edges = {
             phase: {name: list(edges) for name, edges in restored.get("bin_edges", {})
-                    .get(phase, {}).items() if _aligned(edges, self.bins)}
+                    .get(phase, {}).items() if _activation_stats.aligned(edges, self.bins)}
             for phase in self.phases
         }
         if not self._writes:
             return
         if self.h5_path is not None:
-            self._h5 = _H5Log(self.h5_path, self._run_attrs(), restored.get("run"))
+            self._h5 = H5Log(self.h5_path, self._run_attrs(), restored.get("run"))
             self._run = self._h5.run
         if self.tensorboard_dir is not None:
             try:
-                self._tensorboard = _TensorBoardWriter(self.tensorboard_dir)
+                self._tensorboard = TensorBoardWriter(self.tensorboard_dir)
             except ImportError:
                 warnings.warn(
                     "ActivationLogger: tensorboard_dir is set but TensorFlow is not "
@@ -1106,7 +685,7 @@ class ActivationLogger(PlusCallback):
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "model": self.model.name,
             "backend": keras.backend.backend(),
-            "versions": json.dumps(_versions()),
+            "versions": json.dumps(versions()),
             "phases": list(self.phases),
             "layers": list(self._evaluator.names),
             "percentile_levels": np.asarray(self.percentiles, np.float64),
@@ -1130,12 +709,12 @@ class ActivationLogger(PlusCallback):
                                               self._placeholder_edges(), keep_histogram=False)
                 for i, name in enumerate(evaluator.names):
                     known.setdefault(
-                        name, list(_fixed_edges(ranges.low[i], ranges.high[i], self.bins))
+                        name, list(_activation_stats.fixed_edges(ranges.low[i], ranges.high[i], self.bins))
                     )
             edges = np.asarray([known[name] for name in evaluator.names], np.float64)
             stats = evaluator.statistics(model, self._probe.batches(), training, edges)
             for i, (name, spec) in enumerate(zip(evaluator.names, evaluator.extractor.outputs)):
-                records.append(_Record(phase, name, tuple(spec.shape),
+                records.append(Record(phase, name, tuple(spec.shape),
                                        stats.result(i, self.percentiles), edges[i]))
         if logs is not None and self.log_scalars:
             logs.update(self._scalars(records))
@@ -1153,7 +732,7 @@ class ActivationLogger(PlusCallback):
     def _placeholder_edges(self) -> np.ndarray:
         return np.tile(np.linspace(-1.0, 1.0, self.bins + 1), (len(self._evaluator.names), 1))
 
-    def _scalars(self, records: list[_Record]) -> dict[str, float]:
+    def _scalars(self, records: list[Record]) -> dict[str, float]:
         scalars = {}
         for phase, name, _, result, _ in records:
             prefix = "act" if phase == "test" else f"act_{phase}"
@@ -1167,7 +746,7 @@ class ActivationLogger(PlusCallback):
     def on_train_end(self, logs=None):
         try:
             if self._h5 is not None and self._h5.pending:
-                self._h5.flush(_LOCK_WAIT_AT_END_S)
+                self._h5.flush(LOCK_WAIT_AT_END_S)
                 if self._h5.pending:
                     warnings.warn(
                         f"ActivationLogger: {len(self._h5.pending)} logged epoch(s) could "
@@ -1193,71 +772,3 @@ class ActivationLogger(PlusCallback):
     def set_state(self, state: dict[str, Any], directory: str | None = None) -> None:
         """Restores `get_state()`: the next fit appends to the same run with the same edges."""
         self._restored = {"run": state.get("run"), "bin_edges": state.get("bin_edges", {})}
-
-
-# ---------------------------------------------------------------- reader
-
-
-def read_activation_log(path: str | os.PathLike, *, wait: float = 10.0) -> list[dict[str, Any]]:
-    """Reads an HDF5 activation log written by `ActivationLogger`.
-
-    Safe while training writes to it: the file is opened briefly, waiting up
-    to `wait` seconds if the writer holds it at that moment.
-
-    Args:
-        path: the `.h5` file.
-        wait: seconds to wait for the writer's lock. Defaults to 10.
-
-    Returns:
-        A list of runs, oldest first (each `fit` with the logger adds one).
-        Each run is a dict:
-
-        * `"name"`: `"run_000"`, ...
-        * `"attrs"`: `started` (UTC ISO time), `model`, `backend`,
-          `versions` (dict), `phases`, `layers`, `percentile_levels`,
-          `bins`, `every`, `probe`.
-        * `"layers"`: `{phase: {layer path: record}}`, where each record
-          holds NumPy arrays with one row per logged epoch: `epoch` (counted
-          from 0), `count`, `mean`, `std`, `min`, `max`, `zero_frac`,
-          `nonfinite_frac` (shape `(E,)`), `percentiles` (`(E, P)`),
-          `histogram` (`(E, bins)`), `underflow`, `overflow` (`(E,)`); and
-          `bin_edges` (`(bins + 1,)`), `percentile_levels` (`(P,)`),
-          `output_shape` (tuple, `None` for the batch dimension).
-
-    Raises:
-        ValueError: the file is not an activation log.
-    """
-    with _open_h5(path, "r", wait) as f:
-        if f.attrs.get("format") != _FORMAT:
-            raise ValueError(f"{str(path)!r} is not an activation log written by ActivationLogger.")
-        runs = []
-        for name in sorted(k for k in f if k.startswith("run_")):
-            group = f[name]
-            attrs = {k: _attr(v) for k, v in group.attrs.items()}
-            if "versions" in attrs:
-                attrs["versions"] = json.loads(attrs["versions"])
-            order = {path: i for i, path in enumerate(attrs.get("layers", []))}
-            layers: dict[str, dict[str, Any]] = {}
-            for phase in attrs.get("phases", sorted(group)):
-                if phase not in group:
-                    continue
-                found = sorted(group[phase].values(),
-                               key=lambda g: order.get(str(g.attrs["layer_path"]), len(order)))
-                for layer in found:
-                    record = {field: dataset[()] for field, dataset in layer.items()}
-                    record["bin_edges"] = np.asarray(layer.attrs["bin_edges"])
-                    record["percentile_levels"] = np.asarray(layer.attrs["percentile_levels"])
-                    record["output_shape"] = tuple(
-                        None if d < 0 else int(d) for d in layer.attrs["output_shape"]
-                    )
-                    layers.setdefault(phase, {})[str(layer.attrs["layer_path"])] = record
-            runs.append({"name": name, "attrs": attrs, "layers": layers})
-    return runs
-
-
-def _attr(value: Any) -> Any:
-    if isinstance(value, np.ndarray) and value.dtype.kind in "OSU":
-        return [str(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

@@ -17,6 +17,7 @@ statistics are global already. Either way, training the twin with
 from __future__ import annotations
 
 import contextlib
+import copy as _copy
 import functools
 import inspect
 import json
@@ -535,7 +536,8 @@ def single_device_copy(model: keras.Model | dict[str, Any]) -> keras.Model:
         device = jax.default_device(jax.local_devices(backend="cpu")[0])
     with device:
         if isinstance(model, dict):
-            copy = keras.saving.deserialize_keras_object(model)
+            # Keras's deserialization empties parts of the dict it is given.
+            copy = keras.saving.deserialize_keras_object(_copy.deepcopy(model))
         else:
             copy = _clone(model)
     for layer in _layers.all_layers(copy):

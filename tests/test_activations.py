@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_callbacks_plus import activations, distribute
+from keras_callbacks_plus import _activation_log, activations, distribute
 from keras_callbacks_plus.activations import (
     ActivationLogger,
     intermediate_outputs,
@@ -436,7 +436,7 @@ def test_hdf5_is_readable_by_another_process_while_training(
             if epoch == 2:
                 self.holder.communicate("close\n", timeout=60)
 
-    monkeypatch.setattr(activations, "_LOCK_WAIT_S", 0.2)
+    monkeypatch.setattr(_activation_log, "LOCK_WAIT_S", 0.2)
     model = tiny_model()
     model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
     logger = ActivationLogger(tiny_data[0][:32], layers="relu", h5_path=path)
