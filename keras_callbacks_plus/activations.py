@@ -43,7 +43,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import keras
 import numpy as np
 
-from keras_callbacks_plus import _activation_stats, distribute
+from keras_callbacks_plus import distribute
 from keras_callbacks_plus._activation_log import (
     LOCK_WAIT_AT_END_S,
     PHASES,
@@ -54,6 +54,8 @@ from keras_callbacks_plus._activation_log import (
     read_activation_log,
     versions,
 )
+from keras_callbacks_plus._activation_stats import Stats, aligned, fixed_edges
+from keras_callbacks_plus._activation_stats import summarize as summarize_outputs
 from keras_callbacks_plus._base import PlusCallback
 
 __all__ = ["ActivationLogger", "intermediate_outputs", "layer_paths", "read_activation_log"]
@@ -234,7 +236,7 @@ class _Evaluator:
                 outputs = keras.tree.flatten(outputs)
                 if not summarize:
                     return outputs, non_trainable
-                return _activation_stats.summarize(outputs, edges), non_trainable
+                return summarize_outputs(outputs, edges), non_trainable
 
             self._functions[key] = distribute.compile_function(run)
         return self._functions[key]
@@ -262,7 +264,7 @@ class _Evaluator:
         return [keras.ops.convert_to_numpy(y) for y in outputs]
 
     def statistics(self, model, batches, training: bool, edges: np.ndarray,
-                   keep_histogram: bool = True) -> _activation_stats.Stats:
+                   keep_histogram: bool = True) -> Stats:
         """Streams `batches` through the layers; `edges` has shape `(outputs, bins + 1)`.
 
         With `keep_histogram=False` the edges are placeholders (the first
@@ -272,7 +274,7 @@ class _Evaluator:
         trainable, non_trainable = self.state(model)
         function = self._function(training, True)
         edges = keras.ops.convert_to_tensor(np.asarray(edges, np.float32))
-        stats = _activation_stats.Stats(len(self.names))
+        stats = Stats(len(self.names))
         for x in batches:
             # Seed states move on from batch to batch, as in a real epoch;
             # the updates are dropped after the probe.
@@ -661,7 +663,7 @@ class ActivationLogger(PlusCallback):
                                        self._placeholder_edges(), keep_histogram=False)
         self._edges = {
             phase: {name: list(edges) for name, edges in restored.get("bin_edges", {})
-                    .get(phase, {}).items() if _activation_stats.aligned(edges, self.bins)}
+                    .get(phase, {}).items() if aligned(edges, self.bins)}
             for phase in self.phases
         }
         if not self._writes:
@@ -709,7 +711,7 @@ class ActivationLogger(PlusCallback):
                                               self._placeholder_edges(), keep_histogram=False)
                 for i, name in enumerate(evaluator.names):
                     known.setdefault(
-                        name, list(_activation_stats.fixed_edges(ranges.low[i], ranges.high[i], self.bins))
+                        name, list(fixed_edges(ranges.low[i], ranges.high[i], self.bins))
                     )
             edges = np.asarray([known[name] for name in evaluator.names], np.float64)
             stats = evaluator.statistics(model, self._probe.batches(), training, edges)
