@@ -20,7 +20,6 @@ from typing import Any, NamedTuple
 import h5py
 import numpy as np
 
-PHASES = ("test", "train")
 STATISTICS = ("mean", "std", "min", "max", "zero_frac", "nonfinite_frac")
 _FORMAT = "keras_callbacks_plus.activation_log"
 _FORMAT_VERSION = 1

@@ -46,7 +46,6 @@ import numpy as np
 from keras_callbacks_plus import distribute
 from keras_callbacks_plus._activation_log import (
     LOCK_WAIT_AT_END_S,
-    PHASES,
     STATISTICS,
     H5Log,
     Record,
@@ -62,6 +61,7 @@ __all__ = ["ActivationLogger", "intermediate_outputs", "layer_paths", "read_acti
 
 logger = logging.getLogger(__name__)
 
+PHASES = ("test", "train")
 _DEFAULT_SCALARS = ("mean", "std", "zero_frac", "nonfinite_frac")
 
 

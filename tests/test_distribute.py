@@ -190,7 +190,6 @@ def test_copy_weights_needs_the_same_architecture(tiny_model):
         copy_weights(tiny_model(batch_norm=True), tiny_model())
 
 
-
 def test_single_device_copy_from_a_config_leaves_the_config_intact():
     """Keras's deserialization empties parts of its input: one config must serve many copies."""
     model = _nested_bn_model()
@@ -202,6 +201,7 @@ def test_single_device_copy_from_a_config_leaves_the_config_intact():
     for copy in copies:
         copy_weights(model, copy)
         np.testing.assert_allclose(copy.predict_on_batch(x), model.predict_on_batch(x), rtol=1e-6)
+
 
 def test_single_process_roles(two_devices, tiny_model):
     twin = data_parallel(tiny_model(), devices=two_devices)
