@@ -291,7 +291,11 @@ def _kill_during_saves(directory, attempts, seed, torn):
             while _newest_index(directory) <= previous:
                 assert time.monotonic() < deadline, "no new checkpoint within 90 s"
                 time.sleep(0.02)
-            time.sleep(rng.uniform(0.0, 0.6))  # somewhere inside the following saves
+            # Kill inside a later save: soon after its temporary file appears.
+            while not any(p.startswith(_files.TMP_PREFIX) for p in os.listdir(directory)):
+                assert time.monotonic() < deadline, "no save started within 90 s"
+                time.sleep(0.001)
+            time.sleep(rng.uniform(0.0, 0.02))
         finally:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
