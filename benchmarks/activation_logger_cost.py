@@ -10,6 +10,9 @@ layer logged, which is the default):
   (bin edges fixed, functions compiled). Target: at most 2 forward passes;
 * `logger_test_relu`: the same for the ReLU outputs only (`layers="relu_*"`,
   one per block), a typical selection;
+* `logger_test_exact`: phase test with `sample_values=None`: percentiles and
+  histogram count every value instead of a sample of 65536 per output and
+  batch (the default);
 * `first_epoch_*`: the first logged epoch, which also finds the histogram
   range (one more pass) and compiles;
 * memory: resident set size after each of 50 logged epochs, both phases
@@ -104,9 +107,12 @@ def main() -> None:
         return [model.predict_on_batch(b) for b in batches]
 
     loggers, first = {}, {}
-    for case, phase, layers in (("test", "test", None), ("train", "train", None),
-                                ("test_relu", "test", "relu_*")):
-        loggers[case] = started_logger(model, probe, (phase,), folder, case, layers=layers)
+    for case, phase, layers, sample in (("test", "test", None, 65536),
+                                        ("train", "train", None, 65536),
+                                        ("test_relu", "test", "relu_*", 65536),
+                                        ("test_exact", "test", None, None)):
+        loggers[case] = started_logger(model, probe, (phase,), folder, case, layers=layers,
+                                       sample_values=sample)
         start = time.perf_counter()
         loggers[case].on_epoch_end(0, {})
         first[case] = time.perf_counter() - start
@@ -124,7 +130,8 @@ def main() -> None:
     rows = [{"measure": "forward pass of the probe (predict_on_batch)", "seconds": forward_s,
              "forward_passes": 1.0}]
     outputs = {case: len(logger._evaluator.names) for case, logger in loggers.items()}
-    labels = {"test": "phase test", "train": "phase train", "test_relu": "phase test, relu_* only"}
+    labels = {"test": "phase test", "train": "phase train", "test_relu": "phase test, relu_* only",
+              "test_exact": "phase test, every value counted (sample_values=None)"}
     for case, label in labels.items():
         seconds = _bench.median(times[f"logger_{case}"])
         rows.append({"measure": f"logged epoch, {label} ({outputs[case]} outputs)",

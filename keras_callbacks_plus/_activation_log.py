@@ -242,7 +242,8 @@ def read_activation_log(path: str | os.PathLike, *, wait: float = 10.0) -> list[
         * `"name"`: `"run_000"`, ...
         * `"attrs"`: `started` (UTC ISO time), `model`, `backend`,
           `versions` (dict), `phases`, `layers`, `percentile_levels`,
-          `bins`, `every`, `probe`.
+          `bins`, `every`, `sample_values` (values per output and batch
+          behind percentiles and histogram; 0: all), `probe`.
         * `"layers"`: `{phase: {layer path: record}}`, where each record
           holds NumPy arrays with one row per logged epoch: `epoch` (counted
           from 0), `count`, `mean`, `std`, `min`, `max`, `zero_frac`,

@@ -172,7 +172,8 @@ def _draw_layer(figure, grid, row: int, name: str, records: dict[str, Any], last
         _draw_heatmap(ax, record)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         title = f"{phase}: histogram share per epoch" if row == 0 else phase
-        outside = (record["underflow"] + record["overflow"]) / np.maximum(record["count"], 1)
+        beyond = record["underflow"] + record["overflow"]  # counts of the (sampled) values
+        outside = beyond / np.maximum(np.sum(record["histogram"], axis=1) + beyond, 1)
         if np.any(outside > 0):
             title += f"  (outside edges: up to {100 * outside.max():.1f}%)"
         ax.set_title(title, fontsize=8)

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_callbacks_plus import _activation_log, activations, distribute
+from keras_callbacks_plus import _activation_log, _activation_stats, activations, distribute
 from keras_callbacks_plus.activations import (
     ActivationLogger,
     intermediate_outputs,
@@ -81,6 +81,7 @@ def _subprocess_env():
         ({"phases": ("test", "eval")}, "Received: phases=('test', 'eval')"),
         ({"bins": 0}, "Invalid value for argument bins. Expected an int >= 1. Received: bins=0"),
         ({"percentiles": (50, 101)}, "Invalid value for argument percentiles"),
+        ({"sample_values": 0}, "Invalid value for argument sample_values"),
         ({"log_scalars": ["median"]}, "Invalid value for argument log_scalars"),
         ({"layers": []}, "Invalid value for argument layers"),
     ],
@@ -244,6 +245,51 @@ def test_percentiles_from_the_sketch_match_numpy_within_its_documented_error():
     neighbours = np.maximum(np.abs(sorted_values[np.floor(ranks).astype(int)]),
                             np.abs(sorted_values[np.ceil(ranks).astype(int)]))
     assert np.all(np.abs(estimate - exact) <= neighbours / 256 + 2.0**-30)
+
+
+@pytest.mark.parametrize("sample_values", [4096, None])
+def test_percentiles_and_histogram_from_a_sample_of_each_batch(tmp_path, sample_values):
+    """Large outputs: percentiles and histogram count every k-th value, the rest every value."""
+    rng = np.random.default_rng(3)
+    probe = rng.normal(size=(96, 1000)).astype("float32")
+    probe[:, ::7] = 0.0
+    probe[0, 0] = np.nan  # flat index 0 of a batch is always in the sample
+    path = tmp_path / "act.h5"
+    logger = ActivationLogger(probe, percentiles=(0, 10, 50, 90, 100), bins=16, batch_size=32,
+                              sample_values=sample_values, h5_path=path)
+    _run_hooks(logger, _identity_model(width=1000))
+    run = read_activation_log(path)[-1]
+    assert run["attrs"]["sample_values"] == (sample_values or 0)
+    record = run["layers"]["test"]["scale"]
+    values = probe.astype(np.float64).ravel()
+    finite = values[np.isfinite(values)]
+    # Statistics over every value.
+    assert record["count"][0] == values.size
+    assert record["nonfinite_frac"][0] == 1 / values.size
+    assert record["zero_frac"][0] == np.mean(values == 0)
+    np.testing.assert_allclose(record["mean"][0], finite.mean(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(record["std"][0], finite.std(), rtol=1e-5)
+    assert (record["min"][0], record["max"][0]) == (finite.min(), finite.max())
+    # Percentiles and histogram over the sample: every 9th value of each batch
+    # of 32000 (4096 values would take every 8th, but 8 divides 1000 channels).
+    stride = _activation_stats.sample_stride(32000, 1000, sample_values)
+    assert stride == (9 if sample_values else 1)
+    kept = 32000 // stride
+    sample = np.concatenate([probe[i:i + 32].astype(np.float64).ravel()[:kept * stride:stride]
+                             for i in range(0, 96, 32)])
+    sample = sample[np.isfinite(sample)]
+    assert sample.size == (3 * 3555 - 1 if sample_values else finite.size)
+    counts, _ = np.histogram(sample, record["bin_edges"])
+    np.testing.assert_array_equal(record["histogram"][0], counts)
+    assert record["underflow"][0] == record["overflow"][0] == 0
+    estimate = record["percentiles"][0]
+    assert (estimate[0], estimate[-1]) == (finite.min(), finite.max())
+    np.testing.assert_allclose(estimate[1:-1], np.percentile(sample, [10, 50, 90]),
+                               rtol=0.004, atol=1e-9)
+    # The sample visits every channel, so its percentiles are close to the full data's.
+    np.testing.assert_allclose(estimate[1:-1], np.percentile(finite, [10, 50, 90]), atol=0.05)
+    channels = np.arange(kept) * stride % 1000
+    assert np.bincount(channels, minlength=1000).min() >= kept // 1000
 
 
 # ----------------------------------------------------------- phases, no effect
