@@ -280,16 +280,19 @@ class _Evaluator:
         function = self._function(training, True, sample_values)
         edges = keras.ops.convert_to_tensor(np.asarray(edges, np.float32))
         stats = Stats(len(self.names))
+
+        def summarize(function, x, non_trainable):
+            summary, after = function(trainable, non_trainable, x, edges)
+            return {k: keras.ops.convert_to_numpy(v) for k, v in summary.items()}, after
+
         for x in batches:
             # Seed states move on from batch to batch, as in a real epoch;
             # the updates are dropped after the probe.
-            summary, after = function(trainable, non_trainable, x, edges)
-            summary = {k: keras.ops.convert_to_numpy(v) for k, v in summary.items()}
+            summary, after = summarize(function, x, non_trainable)
             if not np.all(np.isfinite(summary["sum"])):
                 # Some value is not finite: the same batch again, masking them.
                 masked = self._function(training, True, sample_values, finite_only=True)
-                summary, _ = masked(trainable, non_trainable, x, edges)
-                summary = {k: keras.ops.convert_to_numpy(v) for k, v in summary.items()}
+                summary, _ = summarize(masked, x, non_trainable)
             non_trainable = after
             if not keep_histogram:
                 summary.pop("histogram")
