@@ -94,7 +94,7 @@ def summarize(outputs, edges, sample_values=None, finite_only=False):
     """
     ops = keras.ops
     bins = edges.shape[1] - 1
-    blocks, row_counts, keys, slots, totals = [], [], [], [], []
+    blocks, keys, slots, totals = [], [], [], []
     for i, y in enumerate(outputs):
         size = int(np.prod(y.shape))
         totals.append(size)
@@ -104,7 +104,6 @@ def summarize(outputs, edges, sample_values=None, finite_only=False):
         if size % _ROW:
             parts.append(ops.reshape(flat[full * _ROW:], (1, size - full * _ROW)))
         blocks.append(parts)
-        row_counts.append(full + (size % _ROW > 0))
         stride = sample_stride(size, y.shape[-1] if len(y.shape) else 1, sample_values)
         if stride > 1:
             kept = size // stride
@@ -114,15 +113,22 @@ def summarize(outputs, edges, sample_values=None, finite_only=False):
         keys.append(key + i * (_SKETCH_SIZE + 1))
         slots.append(slot + i * (bins + 3))
 
-    def rows(reduce, parts, empty):
-        values = [reduce(part) for part in parts]
-        return ops.concatenate(values) if values else ops.full((0,), empty, "float32")
+    def rows(reduce, parts):
+        return ops.concatenate([reduce(part) for part in parts])
 
     def count(reduce, parts):  # per-row counts are exact in float32, their total in int32
-        return ops.sum(ops.cast(rows(reduce, parts, 0), "int32"))
+        return ops.sum(ops.cast(rows(reduce, parts), "int32"))
 
     sums, squares, lows, highs, nonzeros, finites = [], [], [], [], [], []
     for parts, size in zip(blocks, totals):
+        if not parts:  # an output with no values (a zero-sized dimension)
+            sums.append(ops.zeros((0,)))
+            squares.append(ops.zeros((0,)))
+            lows.append(ops.convert_to_tensor(np.inf, "float32"))
+            highs.append(ops.convert_to_tensor(-np.inf, "float32"))
+            nonzeros.append(ops.convert_to_tensor(0, "int32"))
+            finites.append(ops.convert_to_tensor(0, "int32"))
+            continue
         if finite_only:
             keep = [ops.isfinite(p) for p in parts]
             safe = [ops.where(k, p, 0.0) for k, p in zip(keep, parts)]
@@ -132,15 +138,15 @@ def summarize(outputs, edges, sample_values=None, finite_only=False):
         else:
             safe = low = high = parts
             finites.append(ops.convert_to_tensor(size, "int32"))
-        sums.append(rows(lambda p: ops.sum(p, axis=1), safe, 0))
-        squares.append(rows(lambda p: ops.sum(ops.square(p), axis=1), safe, 0))
-        lows.append(ops.min(rows(lambda p: ops.min(p, axis=1), low, np.inf)))
-        highs.append(ops.max(rows(lambda p: ops.max(p, axis=1), high, -np.inf)))
+        sums.append(rows(lambda p: ops.sum(p, axis=1), safe))
+        squares.append(rows(lambda p: ops.sum(ops.square(p), axis=1), safe))
+        lows.append(ops.min(rows(lambda p: ops.min(p, axis=1), low)))
+        highs.append(ops.max(rows(lambda p: ops.max(p, axis=1), high)))
         # |sign(v)| is 1 for a non-zero value: a cheap count on the CPU.
         nonzeros.append(count(lambda p: ops.sum(ops.abs(ops.sign(p)), axis=1), safe))
     key, slot = ops.concatenate(keys), ops.concatenate(slots)
     return {
-        "rows": np.asarray(row_counts, np.int64), "total": np.asarray(totals, np.int64),
+        "total": np.asarray(totals, np.int64),
         "sum": ops.concatenate(sums), "squares": ops.concatenate(squares),
         "min": ops.stack(lows), "max": ops.stack(highs),
         "nonzero": ops.stack(nonzeros), "finite": ops.stack(finites),
@@ -194,7 +200,8 @@ class Stats:
 
     def add(self, summary: Mapping[str, np.ndarray]) -> None:
         n = self.outputs
-        layer = np.repeat(np.arange(n), np.asarray(summary["rows"]))
+        # Each output's row sums: ceil(size / _ROW) of them, in order.
+        layer = np.repeat(np.arange(n), -(-np.asarray(summary["total"]) // _ROW))
 
         def per_output(values):
             return np.bincount(layer, weights=np.asarray(values, np.float64), minlength=n)

@@ -292,6 +292,27 @@ def test_percentiles_and_histogram_from_a_sample_of_each_batch(tmp_path, sample_
     assert np.bincount(channels, minlength=1000).min() >= kept // 1000
 
 
+def test_an_output_with_no_values_is_logged_beside_the_others(tmp_path):
+    """A zero-sized output gets count 0 and NaN statistics; its neighbours are unaffected."""
+    inputs = keras.Input((8,), name="x")
+    dense = keras.layers.Dense(4, name="dense")(inputs)
+    empty = keras.layers.Lambda(lambda t: t[:, :0], name="empty")(dense)
+    model = keras.Model(inputs, keras.layers.Concatenate(name="cat")([dense, empty]))
+    probe = np.random.default_rng(4).normal(size=(40, 8)).astype("float32")
+    path = tmp_path / "act.h5"
+    _run_hooks(ActivationLogger(probe, batch_size=16, h5_path=path), model)
+    records = read_activation_log(path)[-1]["layers"]["test"]
+    assert records["empty"]["count"][0] == 0
+    assert np.isnan(records["empty"]["mean"][0])
+    assert np.isnan(records["empty"]["percentiles"][0]).all()
+    assert records["empty"]["histogram"][0].sum() == 0
+    values = intermediate_outputs(model, "dense", probe)["dense"].astype(np.float64)
+    for name in ("dense", "cat"):
+        assert records[name]["count"][0] == values.size
+        np.testing.assert_allclose(records[name]["mean"][0], values.mean(), rtol=1e-5, atol=1e-7)
+        assert records[name]["max"][0] == values.max()
+
+
 # ----------------------------------------------------------- phases, no effect
 
 
