@@ -16,7 +16,10 @@ the per-round ratios:
 Every RobustEarlyStopping case monitors `loss` with a patience that never
 triggers, and keeps best weights (a host copy on each improving epoch, a
 restore at the end), so the runs do the same steps as the bare one. Also
-reported: the cost of one call of the batch hook, in microseconds.
+reported: the cost of one call of the batch hook, in microseconds, and the
+cost of the host copy of the weights taken at the start of each `fit` (what a
+non-finite stop before the first improvement restores) against one copy of
+the best weights (target: no more), on a ~8 M-parameter model.
 
     python benchmarks/early_stopping_overhead.py [--backend jax] [--quick] [--out DIR]
 """
@@ -109,6 +112,8 @@ def main() -> None:
     hook_us = (time.perf_counter() - start) / calls * 1e6
     hook.on_train_end()
 
+    start_copy_s, best_copy_s = _copy_costs(keras, np, RobustEarlyStopping, args.quick, repeats)
+
     total_steps = steps * epochs
     bare = _bench.median(times["bare"])
     rows = []
@@ -143,6 +148,8 @@ def main() -> None:
         f"{step_us:.0f} us step; target: overhead <= {TARGET_PCT:g} % of step time."
         f"\nagainst an empty batch hook (paired): defaults {own['defaults']:.4f}, "
         f"batch_checks {own['batch_checks']:.4f}."
+        f"\nfit-start copy of the weights: {start_copy_s * 1e3:.2f} ms; one best-weights copy: "
+        f"{best_copy_s * 1e3:.2f} ms; ratio {start_copy_s / best_copy_s:.3f} (target <= 1)."
     )
     record = {
         "quick": args.quick,
@@ -155,8 +162,49 @@ def main() -> None:
         "vs_noop_batch_hook": own,
         "hook_call_us": hook_us,
         "hook_call_pct_of_step": hook_us / step_us * 100,
+        "fit_start_copy_s": start_copy_s,
+        "best_weights_copy_s": best_copy_s,
+        "fit_start_vs_best_copy": start_copy_s / best_copy_s,
     }
     _bench.write_results(args.out, NAME, record, table)
+
+
+def _copy_costs(keras, np, RobustEarlyStopping, quick, repeats):
+    """Seconds of the fit-start copy and of one best-weights copy, each as a paired difference.
+
+    The fit-start copy: `on_train_begin` with `check_finite=True` (copy taken)
+    minus with `check_finite=False` (none). A best-weights copy: an improving
+    `on_epoch_end` minus one that does not improve.
+    """
+    width = 64 if quick else 2048  # 2 x 2048 x 2048: ~8.4 M parameters
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((width,)), keras.layers.Dense(width),
+                              keras.layers.Dense(width)])
+    model.compile(optimizer="sgd", loss="mse")
+
+    def train_begin(check_finite):
+        stopper = RobustEarlyStopping("loss", check_finite=check_finite)
+        stopper.set_model(model)
+        start = time.perf_counter()
+        stopper.on_train_begin()
+        return time.perf_counter() - start
+
+    stopper = RobustEarlyStopping("loss", patience=10**9, check_finite=False)
+    stopper.set_model(model)
+    stopper.on_train_begin()
+    losses = iter(np.linspace(1.0, 0.0, 4 * repeats + 4))
+
+    def epoch_end(improves):
+        value = next(losses) if improves else 2.0
+        start = time.perf_counter()
+        stopper.on_epoch_end(0, {"loss": value})
+        return time.perf_counter() - start
+
+    start_copy, best_copy = [], []
+    for _ in range(2 * repeats + 1):
+        start_copy.append(train_begin(True) - train_begin(False))
+        best_copy.append(epoch_end(True) - epoch_end(False))
+    return _bench.median(start_copy[1:]), _bench.median(best_copy[1:])
 
 
 if __name__ == "__main__":

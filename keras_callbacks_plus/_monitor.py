@@ -10,6 +10,7 @@ import math
 import warnings
 from typing import Any
 
+import keras
 import numpy as np
 
 _MODES = ("auto", "min", "max")
@@ -40,10 +41,15 @@ def check_mode(mode: str) -> str:
 class Monitor:
     """The monitored quantity, its direction and the improvement rule.
 
+    With `mode="auto"` the direction is decided when the callback first
+    needs it (`resolve()`, at the first monitored value), as Keras's
+    `MonitorCallback` decides at the first epoch end: on TensorFlow a
+    model's compiled metrics do not exist before its first step.
+
     Args:
         monitor: key of the epoch `logs` to watch.
-        mode: `"min"`, `"max"` or `"auto"` (decided from the name and the
-            model's metrics when `resolve()` is called).
+        mode: `"min"`, `"max"` or `"auto"` (decided from the model's metrics
+            and the name when `resolve()` is called).
         min_delta: how much better than the reference a value must be.
         relative_delta: if True, `min_delta` is a fraction of the
             reference's magnitude.
@@ -69,14 +75,32 @@ class Monitor:
         self.relative_delta = relative_delta
         self.owner = owner
         self.direction = mode if mode != "auto" else None
+        self._model = None
         self._warned_missing = False
 
+    def bind(self, model) -> None:
+        """The model whose metrics `resolve()` consults (called at train begin)."""
+        self._model = model
+        self._warned_missing = False
+
+    @property
+    def op(self):
+        """The comparison in use, as Keras's `monitor_op`: `keras.ops.less` or
+        `keras.ops.greater`; `None` until the direction is decided."""
+        if self.direction is None:
+            return None
+        return keras.ops.less if self.direction == "min" else keras.ops.greater
+
     def resolve(self, model=None) -> str:
-        """Decides `"min"` or `"max"` for `mode="auto"`; returns it."""
+        """Decides `"min"` or `"max"` for `mode="auto"` (once); returns it.
+
+        Raises:
+            ValueError: neither the model's metrics nor the name tell.
+        """
         if self.direction is not None:
             return self.direction
         name = self.monitor.removeprefix("val_")
-        for metric in _model_metrics(model):
+        for metric in _model_metrics(model if model is not None else self._model):
             if metric.name == name and getattr(metric, "_direction", None) in ("up", "down"):
                 self.direction = "max" if metric._direction == "up" else "min"
                 return self.direction
@@ -115,11 +139,13 @@ class Monitor:
         """Whether `current` is at least as good as `threshold` (no delta)."""
         return current <= threshold if self.resolve() == "min" else current >= threshold
 
-    def get(self, logs: dict[str, Any] | None, strict: bool = False) -> float | None:
+    def get(
+        self, logs: dict[str, Any] | None, strict: bool = False, note: str = ""
+    ) -> float | None:
         """The monitored value in `logs` as a float, or None if absent.
 
-        A missing value warns once, listing the keys that exist; with
-        `strict=True` it raises `KeyError` instead.
+        A missing value warns once per fit, listing the keys that exist, then
+        `note`; with `strict=True` it raises `KeyError` instead.
         """
         logs = logs or {}
         if self.monitor not in logs:
@@ -130,7 +156,7 @@ class Monitor:
             if strict:
                 raise KeyError(message)
             if not self._warned_missing:
-                warnings.warn(message, stacklevel=3)
+                warnings.warn(message + note, stacklevel=3)
                 self._warned_missing = True
             return None
         value = np.asarray(logs[self.monitor])
@@ -151,3 +177,12 @@ def _model_metrics(model):
         found.append(metric)
         found.extend(getattr(metric, "metrics", []) or [])
     return found
+
+
+class MonitorOp:
+    """Mixin: Keras's `monitor_op`, read-only, for a callback whose `Monitor` is `_monitor`."""
+
+    @property
+    def monitor_op(self):
+        """`keras.ops.less` or `keras.ops.greater` once `mode` is decided, else `None` (as in Keras)."""
+        return self._monitor.op

@@ -14,7 +14,7 @@ import numpy as np
 from keras_callbacks_plus import _files, _optimizers, distribute
 from keras_callbacks_plus._async import AsyncWriter
 from keras_callbacks_plus._base import PlusCallback, callbacks_of
-from keras_callbacks_plus._monitor import Monitor
+from keras_callbacks_plus._monitor import Monitor, MonitorOp
 
 __all__ = ["ParallelModelCheckpoint", "resume"]
 
@@ -30,7 +30,7 @@ def _state_keys(callbacks: Sequence[Any]) -> list[str]:
     return keys
 
 
-class ParallelModelCheckpoint(PlusCallback):
+class ParallelModelCheckpoint(MonitorOp, PlusCallback):
     """Saves the model (or its single-device template) during training.
 
     The successor of the Keras 2 recipe that saved the template of a
@@ -65,8 +65,13 @@ class ParallelModelCheckpoint(PlusCallback):
             trained one. Defaults to `None`: save the trained model.
         monitor: the logs key compared with `save_best_only`. Defaults to
             `"val_loss"`.
-        mode: `"auto"`, `"min"` or `"max"`. Defaults to `"auto"`.
-        save_best_only: save only when `monitor` improves. Defaults to `False`.
+        mode: `"auto"`, `"min"` or `"max"`; `"auto"` is decided at the first
+            save that compares values, as Keras decides at the first epoch
+            end. Defaults to `"auto"`.
+        save_best_only: save only when `monitor` improves. When `monitor` is
+            missing from the logs, warn once (listing the keys there are) and
+            save, as `keras.callbacks.ModelCheckpoint` does. Defaults to
+            `False`.
         save_weights_only: save the weights only (`.weights.h5`). Defaults to
             `False`.
         save_freq: `"epoch"`, or save every this many batches. Defaults to
@@ -78,6 +83,9 @@ class ParallelModelCheckpoint(PlusCallback):
         save_last: also keep `last.keras` (or `last.weights.h5`) beside them,
             always the newest state. Defaults to `False`.
         async_save: write in a background thread. Defaults to `True`.
+        strict: with `save_best_only`, raise `KeyError` when `monitor` is
+            missing from the logs instead of warning and saving. Defaults to
+            `False`.
         verbose: 1 prints a line per save. Defaults to `0`.
 
     Example:
@@ -108,6 +116,7 @@ class ParallelModelCheckpoint(PlusCallback):
         max_to_keep: int | None = None,
         save_last: bool = False,
         async_save: bool = True,
+        strict: bool = False,
         verbose: int = 0,
     ):
         super().__init__(verbose=verbose)
@@ -159,6 +168,7 @@ class ParallelModelCheckpoint(PlusCallback):
         self.max_to_keep = max_to_keep
         self.save_last = save_last
         self.async_save = async_save
+        self.strict = bool(strict)
         self._suffix = expected
         self._writer = AsyncWriter("ParallelModelCheckpoint-writer", enabled=async_save)
         self._restored: dict[str, Any] | None = None
@@ -196,8 +206,7 @@ class ParallelModelCheckpoint(PlusCallback):
             self._reset()
         self._restored = None
         self._keys_checked = False
-        if self.save_best_only:
-            self._monitor.resolve(self.model)
+        self._monitor.bind(self.model)
         source = self.model
         if self.template_model is not None:
             try:
@@ -270,21 +279,25 @@ class ParallelModelCheckpoint(PlusCallback):
             self._writer.wait_until_finished()
             raise RuntimeError("ParallelModelCheckpoint: the chief's checkpoint writer failed.")
         target = self._format_path(logs, epoch, batch)
-        value = self._monitor.get(logs) if (self.save_best_only or self.monitor in logs) else None
-        improved = False
+        value = None
         if self.save_best_only:
-            if value is None:
-                if not self.save_last:
-                    return
-            else:
-                improved = self._monitor.is_improvement(value, self.best)
-        previous = self._monitor.worst if self.best is None else self.best
-        if self.save_best_only and not improved:
+            # mode="auto" is decided now, before anything is written.
+            self._monitor.resolve(self.model)
+            value = self._monitor.get(
+                logs, self.strict, note=" Saving anyway, as keras.callbacks.ModelCheckpoint does."
+            )
+        elif self.monitor in logs:
+            value = self._monitor.get(logs)
+        improved = self.save_best_only and self._monitor.is_improvement(value, self.best)
+        # Without a value to compare, save_best_only saves, as in Keras.
+        write_main = not self.save_best_only or value is None or improved
+        if not write_main:
+            previous = self._monitor.worst if self.best is None else self.best
             self._say(f"\nEpoch {epoch + 1}: {self.monitor} did not improve from {previous:.5f}")
             if not self.save_last:
                 return
-        write_main = not self.save_best_only or improved
         if improved:
+            previous = self._monitor.worst if self.best is None else self.best
             self._say(
                 f"\nEpoch {epoch + 1}: {self.monitor} improved from {previous:.5f} to "
                 f"{value:.5f}, saving model to {target}"

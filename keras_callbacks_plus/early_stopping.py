@@ -27,7 +27,7 @@ import numpy as np
 
 from keras_callbacks_plus import distribute
 from keras_callbacks_plus._base import PlusCallback
-from keras_callbacks_plus._monitor import Monitor
+from keras_callbacks_plus._monitor import Monitor, MonitorOp
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class _Smoother:
         self.ema = state.get("ema")
 
 
-class RobustEarlyStopping(PlusCallback):
+class RobustEarlyStopping(MonitorOp, PlusCallback):
     """Stops training when the monitored value stops improving, goes bad, or time is up.
 
     Arguments shared with `keras.callbacks.EarlyStopping` mean the same:
@@ -134,9 +134,17 @@ class RobustEarlyStopping(PlusCallback):
     improvement and stay out of the smoothing. An epoch cut short by a
     batch-level stop is not evaluated.
 
-    Best weights are a host-memory copy (`get_weights()`), taken only when the
-    value improves, and restored at the end of `fit` whether or not this
-    callback stopped it. With a `data_parallel` twin they go to every replica.
+    Best weights are a host-memory copy, taken only when the value improves,
+    and restored at the end of `fit` whether or not this callback stopped it.
+    With a `data_parallel` twin they go to every replica. A non-finite stop
+    never leaves non-finite weights: if no epoch improved before it, the
+    weights at the start of this `fit` come back (one host copy taken at
+    train begin, dropped at the first improvement). `restored_weights` says
+    which came back: `"best"`, `"fit_start"` or `None`.
+
+    With `mode="auto"` the direction is decided at the first epoch end, as
+    in Keras (on TensorFlow compiled metrics do not exist before the first
+    step); `monitor_op` is then `keras.ops.less` or `keras.ops.greater`.
 
     The batch-level checks (`check_finite`, `max_time`) read the training
     loss and the clock after each batch. In one process the callback is
@@ -189,7 +197,8 @@ class RobustEarlyStopping(PlusCallback):
 
     Raises:
         ValueError: an argument is out of range, or the thresholds contradict
-            `mode` (checked at the start of `fit` when `mode="auto"`).
+            `mode` (checked at the first epoch end when `mode="auto"`), or
+            `mode="auto"` cannot tell the direction of `monitor` (then too).
 
     Example:
 
@@ -274,10 +283,12 @@ class RobustEarlyStopping(PlusCallback):
 
     # ----------------------------------------------------------------- state
     def _reset(self) -> None:
+        # As Keras's EarlyStopping after on_train_begin.
         self.best: float | None = None
-        self.best_epoch: int | None = None
+        self.best_epoch = 0
         self.best_weights: list[np.ndarray] | None = None
         self.wait = 0
+        self.restored_weights: str | None = None
         self._smoother = _Smoother(self.smoothing)
         self._elapsed_before = 0.0
         self._clear_stop()
@@ -368,7 +379,7 @@ class RobustEarlyStopping(PlusCallback):
         """
         self._reset()
         self.best = state.get("best")
-        self.best_epoch = state.get("best_epoch")
+        self.best_epoch = int(state.get("best_epoch") or 0)
         self.wait = int(state.get("wait", 0))
         self._smoother.load(state.get("smoothing") or {})
         self.stop_reason = state.get("stop_reason")
@@ -396,13 +407,18 @@ class RobustEarlyStopping(PlusCallback):
 
     # ----------------------------------------------------------------- hooks
     def on_train_begin(self, logs=None):
-        self._check_thresholds(self._monitor.resolve(self.model))
         super().on_train_begin(logs)
+        self._monitor.bind(self.model)
         if self._resumed:
             self._resumed = False
             self._clear_stop()
         else:
             self._reset()
+        self.restored_weights = None
+        # What a non-finite stop before the first improvement restores.
+        self._start_weights = None
+        if self.restore_best_weights and self.check_finite and self.best_weights is None:
+            self._start_weights = distribute.host_copy(self.model.weights)
         self._start = _clock()
         self._steps = (self.params or {}).get("steps")
         self._workers = distribute.num_workers() if self.max_time is not None else 1
@@ -416,6 +432,9 @@ class RobustEarlyStopping(PlusCallback):
     def on_epoch_end(self, epoch, logs=None):
         if self.stop_reason is not None:
             return  # stopped inside this epoch: its logs describe part of it
+        if self._monitor.direction is None:
+            # Keras decides mode="auto" here too: the compiled metrics exist now.
+            self._check_thresholds(self._monitor.resolve(self.model))
         self._epoch = epoch
         self._decide(epoch, logs)
         if self.stop_reason is None and self.max_time is not None and self._time_is_up(True):
@@ -433,11 +452,22 @@ class RobustEarlyStopping(PlusCallback):
                 f"{self.best_epoch + 1}."
             )
             self.model.set_weights(self.best_weights)
+            self.restored_weights = "best"
+        elif self.restore_best_weights and self.stop_reason == "non_finite" and (
+            self._start_weights is not None
+        ):
+            self._say(
+                "Restoring model weights from the start of this fit: no epoch improved on "
+                f"{self.monitor} before the non-finite value."
+            )
+            self.model.set_weights(self._start_weights)
+            self.restored_weights = "fit_start"
         elif self.restore_best_weights and self.stop_reason is not None:
             logger.warning(
                 "RobustEarlyStopping stopped training (%s) before any epoch improved on "
                 "%r: there are no best weights to restore.", self.stop_reason, self.monitor,
             )
+        self._start_weights = None
         super().on_train_end(logs)
 
     def on_unfreeze_stage(self, stage: int, epoch: int, layers: list[str]) -> None:
@@ -460,8 +490,9 @@ class RobustEarlyStopping(PlusCallback):
         if improved:
             self.best, self.best_epoch = smoothed, epoch
             if self.restore_best_weights:
-                self.best_weights = self.model.get_weights()
+                self.best_weights = distribute.host_copy(self.model.weights)
                 self._weights_version += 1
+                self._start_weights = None  # finite best weights exist from now on
             if self.baseline is None or self._monitor.is_improvement(smoothed, self.baseline):
                 self.wait = 0
         if smoothed is not None and self.stopping_threshold is not None and (

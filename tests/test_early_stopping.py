@@ -132,36 +132,6 @@ def test_keras_restores_best_weights(model):
     assert stopper.stop_reason is None and stopper.stopped_epoch == 0
 
 
-def test_keras_modes_on_a_real_fit():
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    x, y = rng.random((10, 5)), rng.random((10, 1))
-    net = keras.Sequential([keras.layers.Dense(1, activation="relu"), keras.layers.Dense(1)])
-    net.compile(
-        loss="mae",
-        optimizer="adam",
-        metrics=["mse", "acc", "accuracy", "hinge", keras.metrics.F1Score(name="f1_score")],
-    )
-    cases = [
-        ("max", "val_mse", "max"),
-        ("min", "val_loss", "min"),
-        ("auto", "val_mse", "min"),
-        ("auto", "loss", "min"),
-        ("auto", "acc", "max"),
-        ("auto", "val_accuracy", "max"),
-        ("auto", "hinge", "min"),
-        ("auto", "f1_score", "max"),
-    ]
-    for mode, monitor, expected in cases:
-        stopper = RobustEarlyStopping(monitor, mode=mode)
-        net.fit(x, y, batch_size=5, validation_data=(x, y), callbacks=[stopper], epochs=2,
-                verbose=0)
-        assert stopper._monitor.direction == expected, monitor
-    with pytest.raises(ValueError, match="maximized or minimized"):
-        net.fit(x, y, batch_size=5, epochs=2, verbose=0,
-                callbacks=[RobustEarlyStopping("unknown")])
-
-
 def test_keras_reuse_and_start_from_epoch(tiny_model, tiny_data):
     """A second `fit` starts clean; warm-up epochs never stop training."""
     x, y = tiny_data
@@ -281,11 +251,25 @@ def test_non_finite_monitored_value(model):
         "patience", 2, 0)
 
 
-def test_stop_before_any_improvement_keeps_the_last_weights(model, caplog):
+def test_non_finite_stop_before_any_improvement_restores_the_weights_of_the_fit_start(model):
+    _mark(model, 7)  # the weights when fit starts; _drive marks them 0 before epoch 0 ends
     stopper = RobustEarlyStopping()
+    _drive(stopper, model, [NAN])
+    assert (stopper.stop_reason, stopper.best_weights, stopper.restored_weights) == (
+        "non_finite", None, "fit_start")
+    assert _marker(model) == 7
+    # Without restore_best_weights the last weights stay, as in Keras.
+    _mark(model, 7)
+    keep = RobustEarlyStopping(restore_best_weights=False)
+    _drive(keep, model, [NAN])
+    assert (keep.stop_reason, keep.restored_weights, _marker(model)) == ("non_finite", None, 0)
+
+
+def test_other_stop_before_any_improvement_keeps_the_last_weights(model, caplog):
+    stopper = RobustEarlyStopping(check_finite=False)  # NaN is then an epoch without improvement
     with caplog.at_level("WARNING", logger="keras_callbacks_plus.early_stopping"):
         _drive(stopper, model, [NAN])
-    assert (stopper.stop_reason, stopper.best_weights) == ("non_finite", None)
+    assert (stopper.stop_reason, stopper.restored_weights) == ("patience", None)
     assert _marker(model) == 0
     assert "no best weights to restore" in caplog.text
 
@@ -354,8 +338,10 @@ def test_bad_arguments(kwargs, message):
 def test_thresholds_are_checked_against_the_resolved_mode(model):
     stopper = RobustEarlyStopping("val_accuracy", stopping_threshold=0.5, divergence_threshold=0.9)
     stopper.set_model(model)
+    stopper.on_train_begin()  # mode="auto" is decided at the first epoch end, as in Keras
+    assert stopper.monitor_op is None
     with pytest.raises(ValueError, match="mode='max' \\(higher is better\\)"):
-        stopper.on_train_begin()
+        stopper.on_epoch_end(0, {"val_accuracy": 0.7})
     # The same numbers suit a loss.
     _drive(RobustEarlyStopping(stopping_threshold=0.5, divergence_threshold=0.9), model, [0.7])
 
@@ -517,6 +503,25 @@ def test_nan_loss_stops_in_its_batch(tiny_model, tiny_data, check_finite):
     assert not np.isfinite(history.history["loss"][1])
     assert stopper.best_epoch == 0
     _assert_weights_equal(net.get_weights(), recorder.weights[0])
+
+
+def test_nan_loss_in_the_first_epoch_restores_the_weights_of_the_fit_start(
+    tiny_model, tiny_data, capsys
+):
+    """No epoch improved yet: the weights from before the NaN batch come back, not NaNs."""
+    x, y = tiny_data  # 8 batches of 16 per epoch
+    net = _compiled(tiny_model)
+    start = net.get_weights()
+    stopper = RobustEarlyStopping("loss", verbose=1)
+    keras.config.enable_interactive_logging()
+    net.fit(_poisoned_batches(x, y, 16, bad_step=5), steps_per_epoch=8, epochs=3, verbose=0,
+            callbacks=[stopper])
+    assert (stopper.stop_reason, stopper.stopped_epoch, stopper.stopped_batch) == (
+        "non_finite", 0, 5)
+    assert (stopper.best_weights, stopper.restored_weights) == (None, "fit_start")
+    assert all(np.all(np.isfinite(w)) for w in net.get_weights())
+    _assert_weights_equal(net.get_weights(), start)
+    assert "Restoring model weights from the start of this fit" in capsys.readouterr().out
 
 
 def test_nan_loss_checked_off_the_training_thread(tiny_model, tiny_data):
