@@ -7,6 +7,9 @@ than no patch.
 """
 
 import logging
+import os
+import shutil
+import tempfile
 
 import keras
 
@@ -99,3 +102,113 @@ def patch_multi_worker_fit() -> None:
     tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
     logger.debug("Patched Keras %s for multi-worker fit (%s).", keras_version(), MULTI_WORKER_ISSUE)
 
+
+
+# -- Keras's saving layout ----------------------------------------------------
+# ParallelModelCheckpoint writes `.keras` / `.weights.h5` files from host
+# arrays in exactly the layout Keras's saving writes. It learns that layout by
+# running Keras's own traversal (`saving_lib._save_state`) over a model with a
+# store that records what would be written instead of writing it.
+SAVING_TESTED_KERAS = ("3.15.1",)
+
+
+def saving_layout_supported() -> bool:
+    """Whether the recorded saving layout was tested on the installed Keras."""
+    return keras_version() in SAVING_TESTED_KERAS
+
+
+class VariableRef:
+    """Stands in for `variable.numpy()` while the layout is recorded, so saveables
+    that store copies (optimizers do) still name the variable they copy."""
+
+    __slots__ = ("variable",)
+
+    def __init__(self, variable):
+        self.variable = variable
+
+
+def record_saving_layout(model) -> tuple[list[dict], list[str]]:
+    """Records what `model.save()` would write into `model.weights.h5`, in Keras's order.
+
+    Runs Keras's saving traversal over `model` with a weights store that
+    records instead of writing. Variables are recorded as themselves, also
+    where a saveable stores `variable.numpy()` (optimizers): the variables'
+    `numpy` is replaced on the instances for the duration of the call, so
+    `model` must not be in use elsewhere meanwhile (the checkpoint writer
+    records its own copy of the template).
+
+    Returns:
+        `groups`: `[{"path": str, "attrs": dict or None, "entries": [(key,
+        value)]}]`, where `value` is a Keras variable, or whatever else a
+        saveable stored (a computed array). `assets`: paths of saveables
+        that wrote assets (a `.keras` file would hold them too).
+    """
+    from keras.src.saving import saving_lib
+
+    groups: list[dict] = []
+
+    class Recorder(saving_lib.H5IOStore):
+        def __init__(self):  # no file: nothing is written
+            self.mode = "w"
+            self.archive = None
+
+        def __bool__(self):
+            return True
+
+        def make(self, path, metadata=None):
+            groups.append({"path": path, "attrs": dict(metadata) if metadata else None,
+                           "entries": []})
+            return self
+
+        def __setitem__(self, key, value):
+            if isinstance(value, VariableRef):
+                value = value.variable
+            groups[-1]["entries"].append((key, value))
+
+        def close(self):
+            pass
+
+    class AssetsRecorder(saving_lib.DiskIOStore):
+        def __init__(self, scratch):
+            self.mode = "w"
+            self.archive = None
+            self.tmp_dir = None
+            self.scratch = scratch
+            self.used: list[str] = []
+
+        def make(self, path):
+            self.used.append(path)
+            folder = os.path.join(self.scratch, str(len(self.used)))
+            os.makedirs(folder)
+            return folder
+
+        def close(self):
+            pass
+
+    optimizer = getattr(model, "optimizer", None)
+    variables = list(model.variables) + list(getattr(optimizer, "variables", None) or [])
+    for variable in variables:
+        object.__setattr__(variable, "numpy", lambda v=variable: VariableRef(v))
+    scratch = tempfile.mkdtemp(prefix="kcp-assets-")
+    assets = AssetsRecorder(scratch)
+    try:
+        saving_lib._save_state(model, weights_store=Recorder(), assets_store=assets,
+                               inner_path="", visited_saveables=set())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        for variable in variables:
+            try:
+                object.__delattr__(variable, "numpy")
+            except AttributeError:
+                pass
+    return groups, assets.used
+
+
+def model_config_json(model) -> str:
+    """`config.json` of a `.keras` file, as Keras's saving serializes `model`."""
+    import json
+
+    from keras.src.saving.serialization_lib import ObjectSharingScope
+
+    with ObjectSharingScope():
+        return json.dumps(keras.saving.serialize_keras_object(model))
