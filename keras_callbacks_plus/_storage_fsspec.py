@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 RETRY_ATTEMPTS = 5
 RETRY_BASE_DELAY = 0.2
 RETRY_MAX_DELAY = 5.0
+_sleep = time.sleep  # replaced in tests, which must not patch time.sleep for every thread
 # s3fs reads a file smaller than twice its part size (50 MiB by default) into
 # memory for a single PUT; smaller parts bound the memory an upload takes.
 UPLOAD_CHUNK_BYTES = 8 * 2**20
@@ -153,7 +154,7 @@ def call_with_retries(what: str, function: Callable[..., Any], *args: Any, **kwa
                 "%s failed (%s: %s); retrying in %.2f s (attempt %d of %d)",
                 what, type(error).__name__, error, delay, attempt + 1, RETRY_ATTEMPTS,
             )
-            time.sleep(delay)
+            _sleep(delay)
             attempt += 1
 
 

@@ -46,7 +46,7 @@ def fast_retries(monkeypatch):
 
     delays = []
     monkeypatch.setattr(_storage_fsspec, "RETRY_ATTEMPTS", 4)
-    monkeypatch.setattr(_storage_fsspec.time, "sleep", delays.append)
+    monkeypatch.setattr(_storage_fsspec, "_sleep", delays.append)
     return delays
 
 
