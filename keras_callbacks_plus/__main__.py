@@ -89,7 +89,8 @@ def _add_report(subparsers) -> None:
     parser.add_argument("--run", type=int, default=-1,
                         help="which run of the file, as a list index (default: the last)")
     parser.add_argument("--layers", nargs="+", default=None, metavar="PATTERN",
-                        help="glob patterns of layer paths to draw (default: all)")
+                        help="layers to draw: names or globs matched at any depth ('conv*'), "
+                        "paths from the top ('backbone/block_3*') or 'all' (default: all)")
     parser.add_argument("--phases", nargs="+", default=None, choices=("test", "train"),
                         help="phases to draw (default: all logged)")
     parser.add_argument("--dpi", type=int, default=80, help="resolution (default: %(default)s)")

@@ -8,12 +8,14 @@ its histograms over the epochs as a heatmap, per phase. The command line
 
 from __future__ import annotations
 
-import fnmatch
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from keras_callbacks_plus import _layers
 
 __all__ = ["plot_activation_log"]
 
@@ -35,15 +37,18 @@ def _pyplot_free_figure(width: float, height: float, dpi: int):
     return figure
 
 
-def _chosen(names: Sequence[str], patterns: Sequence[str] | None) -> list[str]:
+def _chosen(names: Sequence[str], patterns: Sequence[str] | None, owner: str) -> list[str]:
+    """The logged names that `patterns` select (the rules of `_layers.match`), in log order.
+
+    A layer with several outputs is logged as `"<path>:<index>"`: a pattern
+    selects all of them by the layer's path, or one by its own name.
+    """
     if not patterns:
         return list(names)
-    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    if not chosen:
-        raise ValueError(
-            f"No layer of the log matches {list(patterns)}. Layers: {', '.join(names)}."
-        )
-    return chosen
+    layer = {name: re.sub(r":\d+$", "", name) for name in names}
+    candidates = list(dict.fromkeys(p for name in names for p in (layer[name], name)))
+    chosen = set(_layers.match(candidates, patterns, owner=owner))
+    return [name for name in names if name in chosen or layer[name] in chosen]
 
 
 def plot_activation_log(
@@ -69,7 +74,9 @@ def plot_activation_log(
             `read_activation_log` returned.
         output: the PNG to write.
         run: which run of the file, as a list index. Defaults to -1, the last.
-        layers: glob patterns of layer paths to draw. Defaults to `None`, all.
+        layers: the layers to draw: names or glob patterns, matched at any
+            depth (`"conv*"`), paths from the top (`"backbone/block_3*"`) or
+            `"all"`, as in the callbacks. Defaults to `None`, all.
         phases: phases to draw. Defaults to `None`, all in the run.
         dpi: resolution. Defaults to 80.
 
@@ -101,7 +108,8 @@ def plot_activation_log(
     names = list(chosen_run["attrs"].get("layers", []))
     for phase in phases:
         names += [n for n in by_phase[phase] if n not in names]
-    names = [n for n in _chosen(names, layers) if any(n in by_phase[p] for p in phases)]
+    owner = f"the log of model {chosen_run['attrs'].get('model', '?')!r}"
+    names = [n for n in _chosen(names, layers, owner) if any(n in by_phase[p] for p in phases)]
 
     columns = 2 + len(phases)
     row_height = 1.9

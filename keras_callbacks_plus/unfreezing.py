@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import difflib
-import fnmatch
 import math
 from typing import Any, Mapping, Sequence
 
@@ -27,10 +25,8 @@ import keras
 import numpy as np
 
 from keras_callbacks_plus import _layers, _lr_multipliers, _optimizers
-from keras_callbacks_plus._layers import layer_paths
 from keras_callbacks_plus._base import PlusCallback, callbacks_of
 
-ALL = "all"
 _STATE_VERSION = 1
 
 
@@ -93,10 +89,6 @@ def stage_at(starts: Sequence[int], epoch: int) -> int:
     return max(bisect.bisect_right(starts, epoch) - 1, 0)
 
 
-def _matches(pattern: str, path: str, layer) -> bool:
-    return fnmatch.fnmatchcase(path if "/" in pattern else layer.name, pattern)
-
-
 @dataclasses.dataclass
 class _Unit:
     """A layer and the trainable variables it owns itself (not its sublayers')."""
@@ -109,32 +101,19 @@ class _Unit:
     batch_norm: bool
 
 
-def _stage_paths(model: keras.Model, entries: list, schedule: dict) -> list[set[str]]:
-    """For each stage, the paths its patterns match (`""` for `"all"`).
+def _stage_paths(model: keras.Model, schedule: dict) -> list[set[str]]:
+    """For each stage, the paths its patterns select (`_layers.select`; `""`, all, for `"all"`).
 
-    `entries` is `[("", model)] + layer_paths(model)`.
+    A selected path stands for itself and everything inside it.
 
     Raises:
         ValueError: a pattern matches no layer; the message lists close matches.
     """
     selected = []
     for epoch, patterns in schedule.items():
-        paths = set()
-        for pattern in patterns:
-            hits = {p for p, layer in entries[1:] if _matches(pattern, p, layer)}
-            if pattern == ALL:
-                hits = {""}
-            if not hits:
-                names = sorted({p for p, _ in entries[1:]} | {x.name for _, x in entries[1:]})
-                close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
-                raise ValueError(
-                    f"ProgressiveUnfreezing: no layer of model {model.name!r} matches "
-                    f"{pattern!r} (schedule epoch {epoch}). "
-                    + (f"Close matches: {', '.join(close)}. " if close else "")
-                    + f"Layers: {', '.join(names[:20])}{', ...' if len(names) > 20 else ''}."
-                )
-            paths |= hits
-        selected.append(paths)
+        context = f"ProgressiveUnfreezing, schedule epoch {epoch}"
+        paths = {path for path, _ in _layers.select(model, patterns, context=context)}
+        selected.append({""} if _layers.ALL in patterns else paths)
     return selected
 
 
@@ -398,8 +377,8 @@ class ProgressiveUnfreezing(PlusCallback):
                 f"ProgressiveUnfreezing needs a compiled model; model {model.name!r} has no "
                 "optimizer. Call model.compile(optimizer=...) before fit()."
             )
-        entries = [("", model)] + layer_paths(model)
-        selected = _stage_paths(model, entries, self.schedule)
+        entries = [("", model)] + _layers.walk(model)
+        selected = _stage_paths(model, self.schedule)
         super().on_train_begin(logs)
         flags = {id(layer): layer.trainable for _, layer in entries}
         self._built_for = _optimizers.trainable_signature(model)

@@ -11,7 +11,13 @@ import keras
 import numpy as np
 import pytest
 
-from keras_callbacks_plus import _activation_log, _activation_stats, activations, distribute
+from keras_callbacks_plus import (
+    _activation_log,
+    _activation_stats,
+    _extract,
+    activations,
+    distribute,
+)
 from keras_callbacks_plus.activations import (
     ActivationLogger,
     intermediate_outputs,
@@ -232,7 +238,7 @@ def test_percentiles_from_the_sketch_match_numpy_within_its_documented_error():
     values = rng.permutation(np.concatenate(parts)).astype(np.float32)[:7296]
     probe = values.reshape(-1, 8)
     model = _identity_model()
-    stats = activations._evaluator(model, ["scale"]).statistics(
+    stats = _extract.evaluator(model, ["scale"]).statistics(
         model, (probe[i:i + 100] for i in range(0, len(probe), 100)), False,
         np.linspace(-1, 1, 5)[None],
     )
