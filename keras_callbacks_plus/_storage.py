@@ -42,6 +42,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import stat as stat_module
 import string
 import uuid
@@ -58,6 +59,31 @@ CHECKPOINT_SUFFIXES = (".weights.h5", ".keras")
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _LOCAL_PROTOCOLS = ("file", "local")
+
+
+# Tests set this to "<point>" or "<point>:<n>" to SIGKILL the process the n-th
+# time a write reaches that point (see `crash_point`).
+CRASH_ENV = "KCP_TEST_CRASH_AT"
+_crash_counts: dict[str, int] = {}
+
+
+def crash_point(point: str, path: str | None = None) -> None:
+    """Test hook: kills this process when `KCP_TEST_CRASH_AT` names `point`; a no-op otherwise.
+
+    Lets tests stop a write at a chosen point deterministically: `half_written`
+    (the temporary file is cut to half its size first, as a kill in the
+    middle of writing it leaves it), `fsynced`, `renamed` (local stores),
+    `committed` (before a sidecar), `sidecar_written` (before deletions).
+    """
+    wanted = os.environ.get(CRASH_ENV)
+    if not wanted or wanted.partition(":")[0] != point:
+        return
+    _crash_counts[point] = _crash_counts.get(point, 0) + 1
+    if _crash_counts[point] < int(wanted.partition(":")[2] or 1):
+        return
+    if point == "half_written" and path is not None:
+        os.truncate(path, os.path.getsize(path) // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -284,8 +310,10 @@ class LocalStorage(Storage):
         try:
             write(tmp)
             _fsync_file(tmp)
+            crash_point("fsynced")
             stat = os.stat(tmp)
             os.replace(tmp, target)
+            crash_point("renamed")
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

@@ -1,70 +1,82 @@
-"""ParallelModelCheckpoint: atomic, asynchronous, chief-only checkpoints of (data-parallel) training."""
+"""ParallelModelCheckpoint: what to save, when, where, and what to keep.
+
+The decisions are made here, on the training thread and the same on every
+worker. The state is copied by `_snapshot`, written by `_writer` (on a
+background thread), into a store of `_storage` (a local folder or an object
+store); `_retention` parses `save_freq` and holds the `Keep` policy,
+`_preemption` the signal handlers, `_resume` the way back (`resume()`).
+"""
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import signal
 import string
 import time
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import keras
 import numpy as np
 
-from keras_callbacks_plus import _files, _optimizers, distribute
+from keras_callbacks_plus import _resume, _storage, _writer, distribute
 from keras_callbacks_plus._async import AsyncWriter
-from keras_callbacks_plus._base import PlusCallback, callbacks_of
+from keras_callbacks_plus._base import PlusCallback, callbacks_of, state_keys
 from keras_callbacks_plus._monitor import Monitor, MonitorOp
+from keras_callbacks_plus._preemption import SignalFlag, check_signals
+from keras_callbacks_plus._retention import Keep, SaveFreq
+from keras_callbacks_plus._snapshot import Snapshotter
+from keras_callbacks_plus._resume import resume  # noqa: F401 (public here too)
 
-__all__ = ["ParallelModelCheckpoint", "resume"]
+__all__ = ["Keep", "ParallelModelCheckpoint", "resume"]
+
+_OWNER = "ParallelModelCheckpoint"
 
 
-def _state_keys(callbacks: Sequence[Any]) -> list[str]:
-    """`ClassName`, then `ClassName#2`, ... for repeated classes."""
-    seen: dict[str, int] = {}
-    keys = []
-    for callback in callbacks:
-        name = type(callback).__name__
-        seen[name] = seen.get(name, 0) + 1
-        keys.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
-    return keys
+def _clock() -> float:
+    """Seconds on a monotonic clock (a module function so tests can replace it)."""
+    return time.monotonic()
 
 
 class ParallelModelCheckpoint(MonitorOp, PlusCallback):
-    """Saves the model (or its single-device template) during training.
+    """Saves the model (or its single-device template) during training; survives preemption.
 
     The successor of the Keras 2 recipe that saved the template of a
     `multi_gpu_model`, and of `keras.callbacks.ModelCheckpoint`:
 
     * What is saved: `template_model` when given (the trained weights are
-      copied into it first; the data-parallel twin itself is never saved),
+      copied into it too; the data-parallel twin itself is never saved),
       else the trained model. A `.keras` file holds architecture, weights and
       optimizer state and loads with `keras.saving.load_model` on one device,
-      no strategy needed; a `.weights.h5` file holds the weights.
-    * Atomic: each file is written under a temporary name in the same folder,
-      fsynced, then renamed over the target. A crash leaves the previous file
-      or the new one, never a torn one; leftovers go at the next start.
+      no strategy needed; a `.weights.h5` file holds the weights. Both are the
+      files Keras's own saving writes, serialized directly from a host copy.
+    * Atomic, on local folders and object stores (`s3://`, `gs://`, any
+      fsspec URL): a crash leaves the previous file or the new one, never a
+      torn one; a checkpoint counts once its sidecar (`<file>.json`) is written.
     * Asynchronous (default): training blocks only while weights and
       optimizer variables are copied to host memory; one background thread
       writes. A writer failure is raised on the training thread at the next
       save or at the end of training.
     * Chief-only with several workers: one worker writes, all take the same
       decisions.
-    * Resumable: each checkpoint has a JSON sidecar (`<file>.json`) with the
-      epoch, step, best value and the `get_state()` of every callback of this
-      package in the same `fit`; see `resume()`.
+    * Resumable at the batch: the sidecar holds the epoch, the batches done,
+      the best value and the state of every callback of this package in the
+      `fit`; `resume()` continues as if training had never stopped.
+    * Preemption: SIGTERM (and `preemption_signals`) make it save the state of
+      the next batch end synchronously and stop training cleanly (`preempted`
+      is then True; exit with `keras_callbacks_plus.PREEMPTED_EXIT_CODE`).
 
     Args:
         filepath: where to save, ending in `.keras` (or `.weights.h5` with
-            `save_weights_only=True`). May contain format keys filled from
-            the epoch (`{epoch:02d}`, counted from 1), the batch (`{batch}`,
-            with an int `save_freq`) and any key of the logs
-            (`{val_loss:.4f}`). The seeds' call form
+            `save_weights_only=True`); a local path or an fsspec URL. May
+            contain format keys filled from the epoch (`{epoch:02d}`, counted
+            from 1), the batch (`{batch}`, with batch or time `save_freq`) and
+            any key of the logs (`{val_loss:.4f}`). The seeds' call form
             `ParallelModelCheckpoint(template_model, filepath, ...)` works too.
         template_model: the single-device model to save in place of the
             trained one. Defaults to `None`: save the trained model.
-        monitor: the logs key compared with `save_best_only`. Defaults to
-            `"val_loss"`.
+        monitor: the logs key compared by `save_best_only` and `Keep(best=)`.
+            Defaults to `"val_loss"`.
         mode: `"auto"`, `"min"` or `"max"`; `"auto"` is decided at the first
             save that compares values, as Keras decides at the first epoch
             end. Defaults to `"auto"`.
@@ -74,15 +86,28 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
             `False`.
         save_weights_only: save the weights only (`.weights.h5`). Defaults to
             `False`.
-        save_freq: `"epoch"`, or save every this many batches. Defaults to
-            `"epoch"`.
+        save_freq: `"epoch"`; a number of batches; or a duration (`"30min"`,
+            `"1h"`, `"90s"`, a `datetime.timedelta`): then the save happens at
+            the first batch end after it, the same step on every worker.
+            Defaults to `"epoch"`.
         initial_value_threshold: with `save_best_only`, the value to beat at
             the first save. Defaults to `None`.
         max_to_keep: keep only the newest (with `save_best_only`, the best)
-            this many files written by this callback. Defaults to `None`: all.
+            this many files: `Keep(latest=N)` (`Keep(best=N)`). Defaults to
+            `None`: all.
+        keep: a `Keep` policy (newest N, best k, every n-th epoch, at once)
+            instead of `max_to_keep`. Defaults to `None`.
         save_last: also keep `last.keras` (or `last.weights.h5`) beside them,
             always the newest state. Defaults to `False`.
         async_save: write in a background thread. Defaults to `True`.
+        save_on_preemption: save and stop when a preemption signal arrives.
+            Defaults to `True`.
+        preemption_signals: the signals that mean preemption (add
+            `signal.SIGUSR1` for SLURM's `--signal`). Defaults to
+            `(signal.SIGTERM,)`.
+        storage_options: options for an fsspec URL's file system (for
+            example `{"client_kwargs": {"endpoint_url": ...}}`). Defaults to
+            `None`.
         strict: with `save_best_only`, raise `KeyError` when `monitor` is
             missing from the logs instead of warning and saving. Defaults to
             `False`.
@@ -111,11 +136,15 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
         mode: str = "auto",
         save_best_only: bool = False,
         save_weights_only: bool = False,
-        save_freq: str | int = "epoch",
+        save_freq: Any = "epoch",
         initial_value_threshold: float | None = None,
         max_to_keep: int | None = None,
+        keep: Keep | None = None,
         save_last: bool = False,
         async_save: bool = True,
+        save_on_preemption: bool = True,
+        preemption_signals: Sequence[int] = (signal.SIGTERM,),
+        storage_options: Mapping[str, Any] | None = None,
         strict: bool = False,
         verbose: int = 0,
     ):
@@ -146,57 +175,85 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
                 "Invalid value for argument template_model. Expected a keras.Model. "
                 f"Received: template_model={template_model!r}"
             )
-        if save_freq != "epoch" and not (
-            isinstance(save_freq, int) and not isinstance(save_freq, bool) and save_freq > 0
+        self._save_freq = SaveFreq.parse(save_freq)
+        if max_to_keep is not None and not (
+            isinstance(max_to_keep, int) and not isinstance(max_to_keep, bool) and max_to_keep >= 1
         ):
-            raise ValueError(
-                "Invalid value for argument save_freq. Expected 'epoch' or a "
-                f"positive int. Received: save_freq={save_freq!r}"
-            )
-        if max_to_keep is not None and not (isinstance(max_to_keep, int) and max_to_keep >= 1):
             raise ValueError(
                 "Invalid value for argument max_to_keep. Expected None or an int "
                 f">= 1. Received: max_to_keep={max_to_keep!r}"
             )
+        if keep is not None and not isinstance(keep, Keep):
+            raise ValueError(f"Invalid value for argument keep. Expected a Keep. Received: keep={keep!r}")
+        if keep is not None and max_to_keep is not None:
+            raise ValueError(
+                "Arguments keep and max_to_keep cannot be used together: max_to_keep=N is "
+                f"Keep(latest=N). Received: keep={keep!r}, max_to_keep={max_to_keep!r}"
+            )
+        if keep is None:
+            keep = Keep(best=max_to_keep) if save_best_only else Keep(latest=max_to_keep)
+        if keep.best is not None and not (isinstance(monitor, str) and monitor):
+            raise ValueError(
+                f"Invalid value for argument keep. Keep(best={keep.best}) ranks checkpoints by "
+                f"`monitor`, which must name a logs key. Received: monitor={monitor!r}"
+            )
+        self._signals = check_signals(preemption_signals, _OWNER) if save_on_preemption else ()
+        self._storage = _storage.open_storage(self.filepath, storage_options, owner=_OWNER)
         self.template_model = template_model
         self.monitor = monitor
-        self._monitor = Monitor(monitor, mode, owner="ParallelModelCheckpoint")
+        self._monitor = Monitor(monitor, mode, owner=_OWNER)
         self.save_best_only = save_best_only
         self.save_weights_only = save_weights_only
         self.save_freq = save_freq
         self.initial_value_threshold = initial_value_threshold
         self.max_to_keep = max_to_keep
+        self.keep = keep
         self.save_last = save_last
         self.async_save = async_save
+        self.save_on_preemption = bool(save_on_preemption)
         self.strict = bool(strict)
         self._suffix = expected
-        self._writer = AsyncWriter("ParallelModelCheckpoint-writer", enabled=async_save)
+        self._async_writer = AsyncWriter("ParallelModelCheckpoint-writer", enabled=async_save)
+        self._writer = _writer.CheckpointWriter(self._storage, save_weights_only,
+                                                template_model, _OWNER)
+        self._snapshotter = Snapshotter()
+        self._flag = SignalFlag(self._signals, _OWNER)
         self._restored: dict[str, Any] | None = None
-        self._shadow: keras.Model | None = None
-        self._shadow_recipe: tuple[dict, dict | None] | None = None
+        self._resume_at: dict[str, Any] | None = None
         self._to_refresh: tuple | None = None
-        self._buffers: dict[str, list[np.ndarray]] = {}
         self._keys_checked = False
-        if save_freq != "epoch":
-            # Only then does Keras see a batch hook (and give up async dispatch).
-            self.on_train_batch_end = self._on_train_batch_end
+        if self._save_freq.kind != "epoch" or self._signals:
+            # Only then does Keras see a batch hook. Watching for a signal alone
+            # is async-safe: the save then happens at the next main-thread hook.
+            self._use_batch_hook(self._on_train_batch_end,
+                                 async_safe=self._save_freq.kind == "epoch")
         self._reset()
 
     def _reset(self) -> None:
         self.best: float | None = self.initial_value_threshold
         self.best_path: str | None = None
         self._kept: list[dict[str, Any]] = []
+        self._last_arrays: list[str] = []
+        self._arrays_written: set[str] = set()
+        self._doomed: tuple[list[str], list[str]] = ([], [])
         self._save_index = 0
         self._epoch = 0
         self._batches_seen = 0
 
-    @property
-    def directory(self) -> Path:
-        return Path(self.filepath).resolve().parent
+    def _state_key_extra(self) -> str:
+        return self._state_key_of(filepath=self.filepath, monitor=self.monitor)
 
     @property
-    def last_path(self) -> Path:
-        return self.directory / f"last{self._suffix}"
+    def directory(self) -> str:
+        """The folder (or prefix) the checkpoints go to."""
+        return self._storage.parent(self._absolute(self.filepath))
+
+    @property
+    def last_path(self) -> str:
+        return self._storage.join(self.directory, f"last{self._suffix}")
+
+    def _absolute(self, path: str) -> str:
+        return os.path.abspath(path) if isinstance(self._storage, _storage.LocalStorage) else path
 
     # -- training hooks --------------------------------------------------------
 
@@ -204,85 +261,159 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
         super().on_train_begin(logs)
         if self._restored is None:
             self._reset()
-        self._restored = None
+        restored, self._restored = self._restored or {}, None
         self._keys_checked = False
         self._monitor.bind(self.model)
-        source = self.model
         if self.template_model is not None:
             try:
-                _check_same_weights(self.template_model, source)
+                distribute.check_same_architecture(self.template_model, self.model)
             except ValueError as error:
                 raise ValueError(f"Invalid value for argument template_model: {error}") from None
-        self._shadow = None
-        self._shadow_recipe = None
+        self._writer.reset_recipe()
         self._to_refresh = None
+        self._logs: dict[str, Any] = {}
+        self.preemption_save_seconds: float | None = None
         if distribute.is_chief():
-            self._check_writable()
+            self._storage.check_writable(self.directory)
+            _storage.remove_leftovers(self._storage, self.directory, self._is_ours)
+            # Deletions the interrupted run decided but may not have done.
+            for path in restored.get("doomed", []):
+                _storage.remove_checkpoint(self._storage, path)
+            for path in restored.get("doomed_arrays", []):
+                self._storage.delete(path)
+        self._last_save = _clock()
+        self._flag.install()
+
+    def _is_ours(self, name: str) -> bool:
+        """Whether a file name is one this callback's `filepath` (or `last`) can give."""
+        pattern = _storage.template_glob(self._storage.name(self.filepath))
+        return fnmatch.fnmatchcase(name, pattern) or name == f"last{self._suffix}"
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+        self._epoch_rng = np.random.get_state()
+        model = self.model
+        optimizer = getattr(model, "optimizer", None)
+        self._epoch_start_step = (
+            int(keras.ops.convert_to_numpy(optimizer.iterations)) if optimizer is not None else 0)
+        if self._resume_at is not None and self._resume_at["epoch"] == epoch:
+            self._continue_epoch(model, self._resume_at)
         self._refresh_states()
 
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._resume_at is not None and self._resume_at.get("skip_from") is None:
+            # The train function is final here (callbacks may make a new one
+            # in their epoch-begin hooks): the resumed epoch's first batches
+            # are read and skipped, not trained.
+            resume_at = self._resume_at
+            resume_at["skip_from"] = batch
+            distribute.skip_batches(self.model, resume_at["batches_done"], resume_at["logs"])
+
+    def _continue_epoch(self, model: keras.Model, resume_at: dict[str, Any]) -> None:
+        """At the start of a resumed epoch: the data order and running metrics of the interruption."""
+        if resume_at.get("rng") is not None:
+            np.random.set_state(_resume.rng_state(resume_at["rng"]))
+        if not resume_at["batches_done"]:
+            self._resume_at = None
+            return
+        for variable, value in zip(model.metrics_variables, resume_at.get("metrics", [])):
+            variable.assign(value)
+
     def _on_train_batch_end(self, batch, logs=None):
+        self._logs = logs or {}
+        resume_at = self._resume_at
+        if resume_at is not None and batch < resume_at["batches_done"]:
+            return  # a batch of the interrupted run, skipped
+        if resume_at is not None:
+            self._resume_at = None
+        preempted = self._flag.received is not None
+        if self._batch_hook_async_safe and distribute.num_workers() == 1:
+            if preempted and not self.preempted:
+                # On Keras's background thread: stop; the save follows on the
+                # training thread (validation begin or epoch end).
+                self._notice_preemption(batch)
+            return
         self._batches_seen += 1
-        if self._batches_seen % self.save_freq == 0:
-            self._save(logs or {}, epoch=self._epoch, batch=batch)
+        if self._signals and distribute.num_workers() > 1:
+            preempted = distribute.any_worker(preempted)
+        if preempted:
+            self._notice_preemption(batch)
+            self._save_on_preemption(logs or {}, batch)
+            return
+        kind, every = self._save_freq.kind, self._save_freq.every
+        if kind == "batches":
+            due = self._batches_seen % every == 0
+        elif kind == "seconds":
+            due = distribute.any_worker(_clock() - self._last_save >= every)
+        else:
+            return
+        if due:
+            self._save(logs or {}, self._epoch, batch)
+
+    def _notice_preemption(self, batch: int) -> None:
+        self._preempted_batch = batch
+        for callback in callbacks_of(self._model) or [self]:
+            callback.on_preemption(self._epoch, batch)
+        self._model.stop_training = True
+
+    def on_test_begin(self, logs=None):
+        if self.preempted:
+            if self._pending_preemption_save():
+                self._save_on_preemption(self._logs, None)
+            self.model.stop_evaluating = True  # no validation of an epoch cut short
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.save_freq == "epoch":
+        if self.preempted:
+            if self._pending_preemption_save():
+                self._save_on_preemption(self._logs, None)
+            return
+        if self._save_freq.kind == "epoch":
             self._save(logs or {}, epoch=epoch, batch=None)
 
     def on_train_end(self, logs=None):
         try:
+            if self.preempted and self._pending_preemption_save():
+                self._save_on_preemption(self._logs, None)
             self._refresh_states()
-            self._writer.wait_until_finished()
+            self._async_writer.wait_until_finished()
         finally:
+            self._flag.uninstall()
+            self._resume_at = None
             super().on_train_end(logs)
+
+    def _pending_preemption_save(self) -> bool:
+        return self.preemption_save_seconds is None
 
     # -- saving ----------------------------------------------------------------
 
-    def _check_writable(self) -> None:
-        directory = self.directory
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            probe = _files.temporary_path(directory / "probe.tmp")
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as error:
-            raise PermissionError(
-                f"ParallelModelCheckpoint cannot write to {directory} "
-                f"(from filepath={self.filepath}): {error}"
-            ) from error
-        _files.remove_leftovers(directory)
-
-    def _format_path(self, logs: dict[str, Any], epoch: int, batch: int | None) -> Path:
+    def _format_path(self, logs: dict[str, Any], epoch: int, batch: int | None,
+                     strict: bool = True) -> str | None:
         fields = {"epoch": epoch + 1, **logs}
         if batch is not None:
             fields["batch"] = batch + 1
-        if not self._keys_checked:
+        if not self._keys_checked or not strict:
             names = {f.split(".")[0].split("[")[0]
                      for _, f, _, _ in string.Formatter().parse(self.filepath) if f}
             missing = sorted(names - set(fields))
             if missing:
+                if not strict:
+                    return None
                 raise ValueError(
                     f"Invalid value for argument filepath: key {missing[0]!r} of "
                     f"filepath={self.filepath} is not in the logs. Available keys: "
                     f"{', '.join(sorted(fields))}."
                 )
-            self._keys_checked = True
-        return Path(self.filepath.format(**fields)).resolve()
+            self._keys_checked = strict or self._keys_checked
+        return self._absolute(self.filepath.format(**fields))
 
     def _save(self, logs: dict[str, Any], epoch: int, batch: int | None) -> None:
-        # A failure of the previous write surfaces here, on every worker.
-        failed = distribute.any_worker(self._writer.failed)
-        if failed:
-            self._writer.wait_until_finished()
-            raise RuntimeError("ParallelModelCheckpoint: the chief's checkpoint writer failed.")
+        self._raise_writer_failure()
         target = self._format_path(logs, epoch, batch)
         value = None
-        if self.save_best_only:
+        if self.save_best_only or self.keep.best is not None:
             # mode="auto" is decided now, before anything is written.
             self._monitor.resolve(self.model)
+        if self.save_best_only:
             value = self._monitor.get(
                 logs, self.strict, note=" Saving anyway, as keras.callbacks.ModelCheckpoint does."
             )
@@ -303,249 +434,218 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
                 f"{value:.5f}, saving model to {target}"
             )
             self.best = value
-            self.best_path = str(target)
+            self.best_path = target
         elif write_main:
             self._say(f"\nEpoch {epoch + 1}: saving model to {target}")
-        self._save_index += 1
-        done_epochs = epoch + 1 if batch is None else epoch
+        main = target if write_main else None
+        self._submit(main, self.last_path if self.save_last else None, logs, value, epoch, batch)
+
+    def _save_on_preemption(self, logs: dict[str, Any], batch: int | None) -> None:
+        """Saves this exact step synchronously: the grace period after a signal is short."""
+        start = _clock()
+        self._raise_writer_failure()
+        if batch is None:  # noticed off the training thread: count what was trained
+            batch = self._steps_this_epoch() - 1
+        target = None if self.save_best_only else self._format_path(logs, self._epoch, batch,
+                                                                     strict=False)
+        if target is None:
+            # A best file must not hold a state that did not improve.
+            target, last = self.last_path, None
+        else:
+            last = self.last_path if self.save_last else None
+        waited = self._submit(target, last, logs, None, self._epoch, batch, preemption=True)
+        seconds = _clock() - start
+        self.preemption_save_seconds = seconds
+        name = signal.Signals(self._flag.received).name if self._flag.received else "signal"
+        self._say(
+            f"\nEpoch {self._epoch + 1}: preempted ({name}): saved {target} in {seconds:.2f}s"
+            + (f" ({waited:.2f}s of it waiting for the previous save)" if waited else "")
+            + "; training stops."
+        )
+
+    def _raise_writer_failure(self) -> None:
+        # A failure of the previous write surfaces here, on every worker.
+        if distribute.any_worker(self._async_writer.failed):
+            self._async_writer.wait_until_finished()
+            raise RuntimeError("ParallelModelCheckpoint: the chief's checkpoint writer failed.")
+
+    def _submit(self, target: str | None, last: str | None, logs: dict[str, Any],
+                value: float | None, epoch: int, batch: int | None,
+                preemption: bool = False) -> float:
+        """Snapshots the model and hands the write to the writer; returns seconds spent waiting."""
         model = self.model
+        optimizer = getattr(model, "optimizer", None)
+        step = int(keras.ops.convert_to_numpy(optimizer.iterations)) if optimizer is not None else None
+        done = 0 if batch is None else batch + 1
+        self._save_index += 1
         record = {
-            "epoch": done_epochs,
+            "epoch": epoch + 1 if batch is None else epoch,
             "batch": None if batch is None else batch + 1,
-            "step": int(keras.ops.convert_to_numpy(model.optimizer.iterations))
-            if getattr(model, "optimizer", None) is not None
-            else None,
+            "batches_done": done,
+            "step": step,
             "monitor": self.monitor,
             "value": value,
             "best": self.best,
             "logs": {k: float(v) for k, v in logs.items() if np.ndim(v) == 0},
             "save_index": self._save_index,
             "saved_at": time.time(),
+            "preemption": preemption,
             "backend": keras.backend.backend(),
             "keras": keras.version(),
         }
-        doomed = self._keep(target, value, done_epochs) if write_main else []
-        # The previous write must be done before its host buffers are reused.
-        self._writer.wait_until_finished()
-        weights = distribute.host_copy(model.weights, out=self._buffers.get("weights"))
-        self._buffers["weights"] = weights
+        kept_arrays_before = self._referenced_arrays()
+        doomed, entry = [], None
+        if target is not None and target != self.last_path:
+            doomed, entry = self._keep_entry(target, value, record)
+        # In the sidecar's state: a resumed run deletes them if this one could not.
+        self._doomed = (doomed, [])
+        self._last_save = _clock()
+        # A write in flight uses the reused host buffers: wait for it, unless
+        # the grace period after a signal is running (then spare buffers).
+        busy = preemption and self._async_writer.busy
+        waited = 0.0
+        if not busy:
+            start = _clock()
+            self._async_writer.wait_until_finished()
+            waited = _clock() - start
+        snapshot = self._snapshotter.take(
+            model, with_optimizer=not self.save_weights_only, spare=busy)
         if not distribute.is_chief():
             # Every worker's template holds the trained weights; only the chief writes.
             if self.template_model is not None:
-                self.template_model.set_weights(weights)
-            return
-        record["trainable"] = _optimizers.trainable_flags(model)
-        # Before its first step an optimizer holds nothing a fresh one lacks.
-        optimizer = None
-        if not self.save_weights_only and getattr(model, "optimizer", None) is not None:
-            if model.optimizer.built:
-                values = distribute.host_copy(
-                    model.optimizer.variables, out=self._buffers.get("optimizer")
-                )
-                self._buffers["optimizer"] = values
-                optimizer = dict(zip(_optimizers.state_keys(model.optimizer, model), values))
-        if self._shadow is None and self._shadow_recipe is None:
-            # The writer thread must not touch the trained model (on JAX,
-            # reading it syncs or races with the training state), so it gets
-            # configurations to build its own copy from.
-            compiled = not self.save_weights_only and getattr(model, "optimizer", None) is not None
-            self._shadow_recipe = (
+                self.template_model.set_weights(snapshot.weights)
+            return waited
+        record["trainable"] = snapshot.trainable
+        record["resume"] = _resume.resume_record(
+            snapshot, done, self._epoch_rng if done else np.random.get_state())
+        if not self._writer.ready:
+            compiled = not self.save_weights_only and optimizer is not None
+            self._writer.set_recipe(
                 keras.saving.serialize_keras_object(self.template_model or model),
                 model.get_compile_config() if compiled else None,
             )
         siblings = callbacks_of(model)  # all registered by now, none gone yet
-        record["callbacks"] = self._sibling_states(siblings)
-        written: list[tuple[Path, os.stat_result]] = []
-        main = target if write_main else None
-        self._writer.submit(
-            lambda: written.extend(self._write(main, weights, optimizer, dict(record), doomed))
-        )
+        record["callbacks"], arrays, files = self._sibling_states(siblings)
+        if entry is not None:
+            entry["arrays"] = files
+        if last is not None or target == self.last_path:
+            self._last_arrays = files
+        doomed_arrays = sorted(kept_arrays_before - self._referenced_arrays())
+        self._doomed = (doomed, doomed_arrays)
+        job = _writer.WriteJob(
+            target=target, last=last, snapshot=snapshot, record=record, arrays=arrays,
+            optimizer_config=(keras.saving.serialize_keras_object(optimizer)
+                              if optimizer is not None and not self.save_weights_only else None),
+            doomed=doomed, doomed_arrays=doomed_arrays)
+        written: list = []
+        if preemption:
+            start = _clock()
+            self._async_writer.wait_until_finished()
+            waited += _clock() - start
+            written.extend(self._writer.write(job))
+        else:
+            self._async_writer.submit(lambda: written.extend(self._writer.write(job)))
         if batch is None:
             # Callbacks listed after this one have not seen this epoch's end yet;
             # their new states go into the sidecar at the next epoch or train end.
-            self._to_refresh = (written, record, siblings)
+            self._to_refresh = (written, record, siblings, entry)
+        return waited
 
-    def _sibling_states(self, siblings: list[PlusCallback]) -> dict[str, Any]:
-        return dict(zip(_state_keys(siblings), (cb.get_state(str(self.directory)) for cb in siblings)))
+    def _steps_this_epoch(self) -> int:
+        """Training steps of the current epoch so far, from the optimizer's count."""
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is None:
+            return 0
+        return int(keras.ops.convert_to_numpy(optimizer.iterations)) - self._epoch_start_step
+
+    def _keep_entry(self, target: str, value: float | None,
+                    record: dict) -> tuple[list[str], dict[str, Any]]:
+        """Records a new file; returns those the policy drops (to delete once it is
+        complete) and the new entry."""
+        self._kept = [k for k in self._kept if k["path"] != target]
+        entry = {"path": target, "value": value, "epoch": record["epoch"],
+                 "batch": record["batch"], "arrays": []}
+        self._kept.append(entry)
+        direction = self._monitor.direction if self.keep.best is not None else None
+        keep = self.keep.select(self._kept, direction)
+        doomed = [k["path"] for k in self._kept if k not in keep]
+        self._kept = keep
+        return doomed, entry
+
+    def _referenced_arrays(self) -> set[str]:
+        """State-array files a kept checkpoint (or `last`) refers to."""
+        return {path for entry in self._kept for path in entry["arrays"]} | set(self._last_arrays)
+
+    def _sibling_states(self, siblings: list[PlusCallback]) -> tuple[dict, dict, list[str]]:
+        """The states of the fit's callbacks, the state arrays not written yet, and the
+        files the states refer to."""
+        states, arrays, files = {}, {}, []
+        for key, callback in zip(state_keys(siblings), siblings):
+            state, names = callback.get_state(), {}
+            for name, (version, values) in callback.state_arrays().items():
+                path = self._storage.join(self.directory,
+                                          _writer.state_arrays_name(key, name, version))
+                names[name] = self._storage.name(path)
+                files.append(path)
+                if path not in self._arrays_written:
+                    self._arrays_written.add(path)
+                    arrays[path] = list(values)
+            states[key] = {**state, "arrays": names} if names else state
+        return states, arrays, files
 
     def _refresh_states(self) -> None:
         """Rewrites the last epoch's sidecars if a callback's state changed since the save."""
         if self._to_refresh is None:
             return
-        written, record, siblings = self._to_refresh
+        written, record, siblings, entry = self._to_refresh
         self._to_refresh = None
-        states = self._sibling_states(siblings)
+        before = self._referenced_arrays()
+        states, arrays, files = self._sibling_states(siblings)
         if states == record["callbacks"]:
             return
+        if entry is not None:
+            entry["arrays"] = files
+        if any(path == self.last_path for path, _ in written):
+            self._last_arrays = files
+        doomed_arrays = sorted(before - self._referenced_arrays())
         updated = {**record, "callbacks": states}
-        self._writer.submit(
-            lambda: [_files.write_sidecar(path, stat, updated) for path, stat in written]
-        )
-
-    def _keep(self, target: Path, value: float | None, epoch: int) -> list[str]:
-        """Records a new file; returns those beyond `max_to_keep`, to delete once it is complete."""
-        self._kept = [k for k in self._kept if k["path"] != str(target)]
-        self._kept.append({"path": str(target), "value": value, "epoch": epoch})
-        if self.max_to_keep is None or len(self._kept) <= self.max_to_keep:
-            return []
-        if self.save_best_only:
-            direction = self._monitor.resolve()
-            ranked = sorted(
-                self._kept,
-                key=lambda k: (k["value"] is None, k["value"] if direction == "min" else -k["value"]),
-            )
-            keep = ranked[: self.max_to_keep]
-        else:
-            keep = self._kept[-self.max_to_keep :]
-        doomed = [k["path"] for k in self._kept if k not in keep]
-        self._kept = [k for k in self._kept if k in keep]
-        return doomed
-
-    def _write(self, target, weights, optimizer, record, doomed) -> list[tuple[Path, os.stat_result]]:
-        """Runs on the writer thread, where no strategy scope is active; returns what it wrote."""
-        # Private copies: Keras may keep a view of what it is given, and the
-        # host buffers are refilled by the next save.
-        weights = [np.array(w) for w in weights]
-        if optimizer is not None:
-            optimizer = {k: np.array(v) for k, v in optimizer.items()}
-        shadow = self._shadow_model(record["trainable"], optimizer)
-        shadow.set_weights(weights)
-        if optimizer is not None:
-            _optimizers.restore_optimizer_state(shadow, optimizer)
-        if self.template_model is not None:
-            self.template_model.set_weights(weights)
-        save = shadow.save_weights if self.save_weights_only else shadow.save
-        written = []
-        if target is not None:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            written.append((target, _files.write_atomic(target, lambda tmp: save(str(tmp)))))
-        if self.save_last:
-            last = self.last_path
-            if target is not None:
-                written.append((last, _files.link_atomic(target, last)))
-            else:
-                written.append((last, _files.write_atomic(last, lambda tmp: save(str(tmp)))))
-        for path, stat in written:
-            _files.write_sidecar(path, stat, record)
-        for path in doomed:
-            _files.remove_checkpoint(path)
-        return written
-
-    def _shadow_model(self, trainable: list[bool], optimizer: dict | None) -> keras.Model:
-        """The CPU model that is written: a copy of the template (or the trained model).
-
-        It is compiled like the trained model and made trainable where the
-        trained one is now (ProgressiveUnfreezing changes that), so that a
-        `.keras` file carries the optimizer state as it is.
-        """
-        if self._shadow is None:
-            model_config, compile_config = self._shadow_recipe
-            shadow = distribute.single_device_copy(model_config)
-            if compile_config is not None:
-                shadow.compile_from_config(compile_config)
-            self._shadow = shadow
-        if trainable != _optimizers.trainable_flags(self._shadow):
-            _optimizers.apply_trainable_flags(self._shadow, trainable)
-        return self._shadow
+        self._async_writer.submit(
+            lambda: self._writer.write_sidecars(written, updated, arrays, doomed_arrays))
 
     # -- state -----------------------------------------------------------------
 
-    def get_state(self, directory: str | None = None) -> dict[str, Any]:
+    def get_state(self) -> dict[str, Any]:
         return {
             "best": self.best,
             "best_path": self.best_path,
             "kept": [dict(k) for k in self._kept],
+            "last_arrays": list(self._last_arrays),
+            "doomed": list(self._doomed[0]),
+            "doomed_arrays": list(self._doomed[1]),
             "save_index": self._save_index,
             "batches_seen": self._batches_seen,
         }
 
-    def set_state(self, state: dict[str, Any], directory: str | None = None) -> None:
+    def set_state(self, state: dict[str, Any], arrays: Mapping[str, list] | None = None,
+                  directory: str | None = None) -> None:
         self._reset()
         self.best = state.get("best", self.initial_value_threshold)
         self.best_path = state.get("best_path")
-        self._kept = [dict(k) for k in state.get("kept", [])]
+        self._kept = [{"arrays": [], "batch": None, **k} for k in state.get("kept", [])]
+        self._last_arrays = list(state.get("last_arrays", []))
+        self._arrays_written = self._referenced_arrays()
         self._save_index = state.get("save_index", 0)
         self._batches_seen = state.get("batches_seen", 0)
         self._restored = state
 
-
-def _check_same_weights(template: keras.Model, trained: keras.Model) -> None:
-    a, b = template.weights, trained.weights
-    if len(a) != len(b):
-        raise ValueError(
-            f"the template {template.name!r} has {len(a)} weights, the trained "
-            f"model {trained.name!r} has {len(b)}."
-        )
-    for x, y in zip(a, b):
-        if tuple(x.shape) != tuple(y.shape):
-            raise ValueError(
-                f"weight {x.path!r} of the template has shape {tuple(x.shape)}, "
-                f"weight {y.path!r} of the trained model has shape {tuple(y.shape)}."
-            )
-
-
-def resume(
-    model: keras.Model,
-    path_or_directory: str | os.PathLike,
-    callbacks: Sequence[Any] = (),
-) -> int:
-    """Restores a checkpoint into `model` and `callbacks`; returns the epoch to resume at.
-
-    Restores the weights, the optimizer state (iteration count, slots,
-    learning rate) and the state of each callback of this package that was in
-    the checkpointed `fit` (matched by class, in order), so that
-    `model.fit(..., initial_epoch=resume(...), callbacks=callbacks)` continues
-    as if never interrupted. A restored ParallelModelCheckpoint remembers its
-    best value, so `save_best_only` does not overwrite a better file after a
-    restart (keras-team/keras#17012).
-
-    Args:
-        model: the compiled model to train further (a data-parallel twin or
-            not), with the architecture of the checkpoint.
-        path_or_directory: a checkpoint file, or a folder: then its latest
-            complete checkpoint is used.
-        callbacks: the callbacks of the resumed `fit`. Defaults to `()`.
-
-    Returns:
-        The number of completed epochs: pass it as `fit(initial_epoch=...)`.
-
-    Raises:
-        FileNotFoundError: no complete checkpoint at `path_or_directory`.
-        ValueError: the checkpoint does not match `model`.
-    """
-    path = Path(path_or_directory)
-    if path.is_dir():
-        found = _files.complete_checkpoints(path)
-        if not found:
-            raise FileNotFoundError(f"No complete checkpoint of keras_callbacks_plus in {path}.")
-        path, record = found[-1]
-    else:
-        record = _files.read_sidecar(path)
-        if record is None:
-            raise FileNotFoundError(
-                f"{path} is not a complete checkpoint of keras_callbacks_plus "
-                f"(missing or mismatching sidecar {_files.sidecar_path(path).name})."
-            )
-    if str(path).endswith(".keras"):
-        saved = keras.saving.load_model(path)
-        distribute.copy_weights(saved, model)
-        if record.get("trainable") is not None:
-            _optimizers.apply_trainable_flags(model, record["trainable"])
-        saved_optimizer = getattr(saved, "optimizer", None)
-        if saved_optimizer is not None and saved_optimizer.built:
-            if getattr(model, "optimizer", None) is None:
-                raise ValueError(
-                    f"resume() restores optimizer state, but model {model.name!r} is not "
-                    "compiled. Compile it (as for training) before resume()."
-                )
-            saved_state = _optimizers.optimizer_state(saved_optimizer, saved)
-            _optimizers.restore_optimizer_state(
-                model, {k: keras.ops.convert_to_numpy(v) for k, v in saved_state.items()}
-            )
-    else:
-        model.load_weights(path)
-    states = record.get("callbacks", {})
-    for key, callback in zip(_state_keys(callbacks), callbacks):
-        if key in states and hasattr(callback, "set_state"):
-            callback.set_state(states[key], str(path.parent))
-    return int(record.get("epoch", 0))
+    def _resume_from(self, record: dict[str, Any], batches_done: int) -> None:
+        """Called by `resume()`: the next fit continues epoch `record["epoch"]` after `batches_done`."""
+        resume = record.get("resume") or {}
+        self._resume_at = {
+            "epoch": int(record.get("epoch", 0)),
+            "batches_done": batches_done,
+            "logs": dict(record.get("logs") or {}),
+            "rng": resume.get("rng"),
+            "metrics": _resume.arrays_from_record(resume.get("metrics")),
+            "skip_from": None if batches_done else 0,
+        }

@@ -8,9 +8,9 @@ same decision on every worker.
 
 Batch-level checks (`check_finite`, `max_time`) need `on_train_batch_end`,
 and a callback that defines it turns off Keras's asynchronous batch-end
-dispatch unless it declares itself `async_safe`. So the hook lives in a
-private subclass, which the constructor picks only when one of those checks
-is on, and which is async-safe in a single process.
+dispatch unless it declares itself `async_safe`. So the hook is registered
+only when one of those checks is on (`PlusCallback._use_batch_hook`), and is
+async-safe in a single process.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import threading
 import time
-from typing import Any
+import uuid
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -218,17 +218,6 @@ class RobustEarlyStopping(MonitorOp, PlusCallback):
     ```
     """
 
-    def __new__(cls, *args: Any, **kwargs: Any):
-        if cls is RobustEarlyStopping and (
-            kwargs.get("check_finite", True) or kwargs.get("max_time") is not None
-        ):
-            cls = _RobustEarlyStoppingWithBatchChecks
-        return super().__new__(cls)
-
-    def __getnewargs_ex__(self):
-        # Copies and pickles pick the same class as the original.
-        return (), {"check_finite": self.check_finite, "max_time": self.max_time}
-
     def __init__(
         self,
         monitor: str = "val_loss",
@@ -275,11 +264,12 @@ class RobustEarlyStopping(MonitorOp, PlusCallback):
         self.strict = bool(strict)
         if mode != "auto":
             self._check_thresholds(mode)
-        # Only grows, so that (file, version) names one copy across fits.
-        self._weights_version = 0
+        # Names one copy of the best weights: a new one whenever they change.
+        self._weights_version = f"{uuid.uuid4().hex[:8]}-0"
         self._reset()
         self._resumed = False
-        self._saved: tuple[str, int] | None = None  # (file, weights version) on disk
+        if self.check_finite or self.max_time is not None:
+            self._use_batch_hook(self._on_train_batch_end, async_safe=True)
 
     # ----------------------------------------------------------------- state
     def _reset(self) -> None:
@@ -320,37 +310,22 @@ class RobustEarlyStopping(MonitorOp, PlusCallback):
                 f"better). Received: baseline={base!r}"
             )
 
-    def _weights_file(self) -> str:
-        return "early_stopping_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", self.monitor) + ".best.npz"
-
     def _elapsed(self) -> float:
         running = 0.0 if self._start is None else _clock() - self._start
         return self._elapsed_before + running
 
-    def get_state(self, directory: str | None = None) -> dict[str, Any]:
-        """Returns the decision state as a JSON-able dict.
+    def _state_key_extra(self) -> str:
+        return self._state_key_of(monitor=self.monitor, mode=self.mode)
 
-        Args:
-            directory: a folder to write the best weights into (an `.npz`
-                file, rewritten only when they changed, by the chief worker);
-                the state names it relative to the folder. Defaults to
-                `None`: the best weights are left out.
+    def get_state(self) -> dict[str, Any]:
+        """Returns the decision state as a JSON-able dict (no side effects).
 
         Returns:
             Best value and epoch, wait counter, smoothing state, stop
-            information, training time used, and the best weights' file.
+            information and training time used. The best weights are
+            `state_arrays()`: a checkpoint saves them beside itself, rewritten
+            only when they change.
         """
-        weights_file = None
-        if directory is not None and self.best_weights is not None:
-            weights_file = self._weights_file()
-            path = os.path.abspath(os.path.join(directory, weights_file))
-            current = (path, self._weights_version)
-            if distribute.is_chief() and (self._saved != current or not os.path.exists(path)):
-                os.makedirs(directory, exist_ok=True)
-                with open(path + ".tmp", "wb") as handle:
-                    np.savez(handle, *self.best_weights)
-                os.replace(path + ".tmp", path)
-                self._saved = current
         return {
             "version": _STATE_VERSION,
             "monitor": self.monitor,
@@ -362,16 +337,25 @@ class RobustEarlyStopping(MonitorOp, PlusCallback):
             "stopped_epoch": self.stopped_epoch,
             "stopped_batch": self.stopped_batch,
             "elapsed": self._elapsed(),
-            "best_weights": weights_file,
         }
 
-    def set_state(self, state: dict[str, Any], directory: str | None = None) -> None:
+    def state_arrays(self) -> dict[str, tuple[str, list[np.ndarray]]]:
+        """The best weights (with `restore_best_weights`), named by their version."""
+        if self.best_weights is None or not self.restore_best_weights:
+            return {}
+        return {"best_weights": (self._weights_version, self.best_weights)}
+
+    def set_state(self, state: dict[str, Any], arrays: Mapping[str, list] | None = None,
+                  directory: str | None = None) -> None:
         """Restores a state from `get_state()`; the next `fit` continues from it.
 
         Args:
             state: the dict `get_state()` returned.
-            directory: the folder passed to `get_state()`, needed when the
-                state names a best-weights file. Defaults to `None`.
+            arrays: `{"best_weights": [...]}` as `state_arrays()` gave them.
+                Defaults to `None`.
+            directory: for states written by version 0.1.0.dev0 of this
+                package, which name a best-weights file relative to it.
+                Defaults to `None`.
 
         Raises:
             ValueError: the state names a weights file but `directory` is None.
@@ -386,24 +370,30 @@ class RobustEarlyStopping(MonitorOp, PlusCallback):
         self.stopped_epoch = int(state.get("stopped_epoch") or 0)
         self.stopped_batch = state.get("stopped_batch")
         self._elapsed_before = float(state.get("elapsed", 0.0))
-        weights_file = state.get("best_weights")
-        if weights_file and self.restore_best_weights:
+        weights = (arrays or {}).get("best_weights")
+        legacy_file = state.get("best_weights")  # an earlier version's .npz
+        if weights is None and legacy_file and self.restore_best_weights:
             if directory is None:
                 raise ValueError(
-                    f"This RobustEarlyStopping state refers to best weights in {weights_file!r}; "
-                    "pass the directory given to get_state() as set_state(state, directory)."
+                    f"This RobustEarlyStopping state refers to best weights in {legacy_file!r}; "
+                    "pass the checkpoint's directory as set_state(state, directory=...)."
                 )
-            path = os.path.abspath(os.path.join(directory, weights_file))
+            path = os.path.abspath(os.path.join(directory, legacy_file))
             if not os.path.exists(path):
                 raise FileNotFoundError(
                     f"This RobustEarlyStopping state refers to best weights {path!r}, "
                     "which do not exist."
                 )
             with np.load(path, allow_pickle=False) as stored:
-                self.best_weights = [stored[f"arr_{i}"] for i in range(len(stored.files))]
-            self._weights_version += 1
-            self._saved = (path, self._weights_version)
+                weights = [stored[f"arr_{i}"] for i in range(len(stored.files))]
+        if weights is not None and self.restore_best_weights:
+            self.best_weights = list(weights)
+            self._bump_weights_version()
         self._resumed = True
+
+    def _bump_weights_version(self) -> None:
+        run, _, count = self._weights_version.rpartition("-")
+        self._weights_version = f"{run}-{int(count) + 1}"
 
     # ----------------------------------------------------------------- hooks
     def on_train_begin(self, logs=None):
@@ -430,7 +420,7 @@ class RobustEarlyStopping(MonitorOp, PlusCallback):
         self._epoch = epoch
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.stop_reason is not None:
+        if self.stop_reason is not None or self.preempted:
             return  # stopped inside this epoch: its logs describe part of it
         if self._monitor.direction is None:
             # Keras decides mode="auto" here too: the compiled metrics exist now.
@@ -446,7 +436,11 @@ class RobustEarlyStopping(MonitorOp, PlusCallback):
             self._start = None
         if self.stop_reason is not None:
             self._say(self._stop_message())
-        if self.restore_best_weights and self.best_weights is not None:
+        if self.preempted:
+            # Training is suspended, not finished: the model keeps the state
+            # the preemption checkpoint holds.
+            pass
+        elif self.restore_best_weights and self.best_weights is not None:
             self._say(
                 "Restoring model weights from the end of the best epoch: "
                 f"{self.best_epoch + 1}."
@@ -491,7 +485,7 @@ class RobustEarlyStopping(MonitorOp, PlusCallback):
             self.best, self.best_epoch = smoothed, epoch
             if self.restore_best_weights:
                 self.best_weights = distribute.host_copy(self.model.weights)
-                self._weights_version += 1
+                self._bump_weights_version()
                 self._start_weights = None  # finite best weights exist from now on
             if self.baseline is None or self._monitor.is_improvement(smoothed, self.baseline):
                 self.wait = 0
@@ -539,6 +533,34 @@ class RobustEarlyStopping(MonitorOp, PlusCallback):
         self._until_vote, self._last_vote = self._stride, now
         return False
 
+    def _on_train_batch_end(self, batch, logs=None):
+        """The batch checks (`check_finite`, `max_time`); registered only when one is on.
+
+        Async-safe in one process: when no other callback needs batch ends in
+        order, Keras's JAX trainer keeps dispatching steps while they run on
+        its background threads, and the stop takes effect a step or two after
+        the batch it names. With several workers every one must stop at the
+        same step (and `max_time` votes in collectives), so there the hook
+        runs in order, after each step.
+        """
+        reason = value = None
+        if self.check_finite and logs:
+            loss = logs.get("loss")
+            if loss is not None and not math.isfinite(loss):
+                reason, value = "non_finite", float(loss)
+        # After an epoch's last batch the epoch-end check comes next: it
+        # evaluates the complete epoch first.
+        if reason is None and (
+            self.max_time is not None and batch + 1 != self._steps and self._time_is_up()
+        ):
+            reason = "max_time"
+        if reason is None:
+            return
+        # Hooks on Keras's threads may finish out of order: the first batch wins.
+        with _BATCH_STOP_LOCK:
+            if self.stopped_batch is None or batch < self.stopped_batch:
+                self._stop(reason, batch, value)
+
     def _stop_message(self) -> str:
         where = f"Epoch {self.stopped_epoch + 1}"
         if self.stopped_batch is not None:
@@ -564,43 +586,3 @@ class RobustEarlyStopping(MonitorOp, PlusCallback):
         else:
             why = f"max_time={self.max_time:g}s of training time used"
         return f"{where}: early stopping: {why}."
-
-
-class _RobustEarlyStoppingWithBatchChecks(RobustEarlyStopping):
-    """RobustEarlyStopping with `check_finite` or `max_time`: checks after every batch."""
-
-    @property
-    def async_safe(self) -> bool:
-        """Whether Keras may run the batch hook on its background threads.
-
-        Keras reads this when `fit` starts; only its JAX trainer then keeps
-        dispatching steps while batch ends are handled, so a step no longer
-        waits for the previous one's loss to reach the host. The stop takes
-        effect a step or two after the batch it names. With several workers
-        every one must stop at the same step (and `max_time` votes in
-        collectives), so there the hook runs in order, after each step.
-        """
-        return distribute.num_workers() == 1
-
-    def on_train_batch_end(self, batch, logs=None):
-        reason = value = None
-        if self.check_finite and logs:
-            loss = logs.get("loss")
-            if loss is not None and not math.isfinite(loss):
-                reason, value = "non_finite", float(loss)
-        # After an epoch's last batch the epoch-end check comes next: it
-        # evaluates the complete epoch first.
-        if reason is None and (
-            self.max_time is not None and batch + 1 != self._steps and self._time_is_up()
-        ):
-            reason = "max_time"
-        if reason is None:
-            return
-        # Hooks on Keras's threads may finish out of order: the first batch wins.
-        with _BATCH_STOP_LOCK:
-            if self.stopped_batch is None or batch < self.stopped_batch:
-                self._stop(reason, batch, value)
-
-
-# Keras and ParallelModelCheckpoint name callbacks by class name: one name for both.
-_RobustEarlyStoppingWithBatchChecks.__name__ = "RobustEarlyStopping"

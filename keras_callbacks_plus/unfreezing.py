@@ -251,6 +251,7 @@ class ProgressiveUnfreezing(PlusCallback):
         self._resume_epoch: int | None = None
         self._updates_per_epoch: int | None = None
         self._epoch: int | None = None
+        self._epoch_done = False
 
     @classmethod
     def gradual(
@@ -404,13 +405,16 @@ class ProgressiveUnfreezing(PlusCallback):
         elif self._epoch is not None and stage != self.current_stage:
             self._apply(epoch, self._layer_flags())
         self._entry_optimizer = None
-        self._epoch = epoch
+        self._epoch, self._epoch_done = epoch, False
         if not (self.params or {}).get("steps"):
             self._epoch_iteration = self._iterations()
         if epoch in self.schedule:
             self._announce(stage, epoch)
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.preempted:
+            return  # an epoch cut short: its updates are no epoch's count
+        self._epoch_done = True
         if self._epoch_iteration is not None:
             done = self._iterations() - self._epoch_iteration
             self._updates_per_epoch = done or self._updates_per_epoch
@@ -421,16 +425,18 @@ class ProgressiveUnfreezing(PlusCallback):
 
     # -- state -------------------------------------------------------------------
 
-    def get_state(self, directory: str | None = None) -> dict[str, Any]:
+    def get_state(self) -> dict[str, Any]:
+        # The epoch a resumed fit starts with: the one in progress, or the next.
+        epoch = 0 if self._epoch is None else self._epoch + int(self._epoch_done)
         return {
             "version": _STATE_VERSION,
-            "epoch": 0 if self._epoch is None else self._epoch + 1,
+            "epoch": epoch,
             "stage": self.current_stage,
             "unfrozen_layers": list(self.unfrozen_layers),
             "updates_per_epoch": self._updates_per_epoch,
         }
 
-    def set_state(self, state: dict[str, Any], directory: str | None = None) -> None:
+    def set_state(self, state: dict[str, Any], arrays=None, directory: str | None = None) -> None:
         self._resume_epoch = int(state.get("epoch", 0))
         self.current_stage = state.get("stage")
         self.unfrozen_layers = list(state.get("unfrozen_layers", []))

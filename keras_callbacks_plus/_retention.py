@@ -1,0 +1,147 @@
+"""When ParallelModelCheckpoint saves (`save_freq`) and which of its files it keeps (`Keep`).
+
+Both are plain data and pure functions, so the callback's decisions can be
+tested without training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import re
+from typing import Any, Sequence
+
+_UNITS = {
+    "s": 1.0, "sec": 1.0, "secs": 1.0, "second": 1.0, "seconds": 1.0,
+    "m": 60.0, "min": 60.0, "mins": 60.0, "minute": 60.0, "minutes": 60.0,
+    "h": 3600.0, "hr": 3600.0, "hrs": 3600.0, "hour": 3600.0, "hours": 3600.0,
+    "d": 86400.0, "day": 86400.0, "days": 86400.0,
+}
+_TERM = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]+)\s*", re.IGNORECASE)
+
+
+def _save_freq_error(save_freq: Any) -> ValueError:
+    return ValueError(
+        "Invalid value for argument save_freq. Expected 'epoch', a positive int (a number "
+        "of batches), a positive duration such as '30min', '1h', '90s' or '1h30min', or a "
+        f"datetime.timedelta. Received: save_freq={save_freq!r}"
+    )
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds of a duration such as `"30min"`, `"1h"`, `"1.5 hours"`, `"1h30min"`; None if not one."""
+    position, seconds = 0, 0.0
+    while position < len(text):
+        match = _TERM.match(text, position)
+        if match is None or match.group(2).lower() not in _UNITS:
+            return None
+        seconds += float(match.group(1)) * _UNITS[match.group(2).lower()]
+        position = match.end()
+    return seconds if position else None
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveFreq:
+    """A parsed `save_freq`: `kind` is `"epoch"`, `"batches"` or `"seconds"`."""
+
+    kind: str
+    every: float | int | None = None
+
+    @classmethod
+    def parse(cls, save_freq: Any) -> "SaveFreq":
+        """Checks `save_freq` (`"epoch"`, batches, a duration string or a timedelta).
+
+        Raises:
+            ValueError: anything else, or a duration that is not positive.
+        """
+        if save_freq == "epoch":
+            return cls("epoch")
+        if isinstance(save_freq, int) and not isinstance(save_freq, bool):
+            if save_freq > 0:
+                return cls("batches", save_freq)
+            raise _save_freq_error(save_freq)
+        if isinstance(save_freq, datetime.timedelta):
+            seconds = save_freq.total_seconds()
+        elif isinstance(save_freq, str):
+            seconds = parse_duration(save_freq)
+        else:
+            seconds = None
+        if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+            raise _save_freq_error(save_freq)
+        return cls("seconds", seconds)
+
+
+def _count(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"Invalid value for argument {name} of Keep. Expected None or an int >= 1. "
+            f"Received: {name}={value!r}"
+        )
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Keep:
+    """Which of its checkpoints ParallelModelCheckpoint keeps: the union of three rules.
+
+    A file is deleted only after a newer checkpoint is complete, and only if
+    no rule keeps it. Only files the callback wrote (or a resumed run kept)
+    are ever deleted. `Keep()` keeps everything.
+
+    `max_to_keep=N` is `Keep(latest=N)`; with `save_best_only=True` it is
+    `Keep(best=N)` (and files are only written when `monitor` improves).
+
+    Args:
+        latest: keep the N newest checkpoints. Defaults to `None`.
+        best: keep the k checkpoints with the best `monitor` values (the
+            callback's `monitor` and `mode`). Defaults to `None`.
+        every_n_epochs: keep the checkpoints written at the end of every
+            n-th epoch (epochs counted from 1) forever. Defaults to `None`.
+
+    Example:
+
+    ```python
+    ParallelModelCheckpoint("ckpt/m_{epoch:03d}.keras", monitor="val_loss",
+                            keep=Keep(latest=3, best=2, every_n_epochs=10))
+    ```
+    """
+
+    latest: int | None = None
+    best: int | None = None
+    every_n_epochs: int | None = None
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            _count(field.name, getattr(self, field.name))
+
+    @property
+    def keeps_all(self) -> bool:
+        return self.latest is None and self.best is None and self.every_n_epochs is None
+
+    def select(self, saved: Sequence[dict[str, Any]], direction: str | None) -> list[dict]:
+        """The entries of `saved` (oldest first) that this policy keeps, in the same order.
+
+        Each entry has `value` (the monitored value, or None), `epoch` (epochs
+        completed) and `batch` (None for an epoch-end checkpoint).
+        `direction` is `"min"` or `"max"`; needed with `best`.
+        """
+        if self.keeps_all:
+            return list(saved)
+        keep = set()
+        if self.latest is not None:
+            keep.update(range(max(len(saved) - self.latest, 0), len(saved)))
+        if self.best is not None:
+            sign = 1.0 if direction == "min" else -1.0
+            ranked = sorted(
+                range(len(saved)),
+                key=lambda i: (saved[i]["value"] is None, sign * (saved[i]["value"] or 0.0), -i),
+            )
+            keep.update(ranked[: self.best])
+        if self.every_n_epochs is not None:
+            keep.update(i for i, entry in enumerate(saved)
+                        if entry.get("batch") is None and entry["epoch"]
+                        and entry["epoch"] % self.every_n_epochs == 0)
+        return [entry for i, entry in enumerate(saved) if i in keep]
