@@ -201,7 +201,9 @@ class ParallelModelCheckpoint(PlusCallback):
         source = self.model
         if self.template_model is not None:
             try:
-                _check_same_weights(self.template_model, source)
+                distribute.check_same_architecture(
+                    self.template_model, source, roles=("the template", "the trained model")
+                )
             except ValueError as error:
                 raise ValueError(f"Invalid value for argument template_model: {error}") from None
         self._shadow = None
@@ -454,21 +456,6 @@ class ParallelModelCheckpoint(PlusCallback):
         self._save_index = state.get("save_index", 0)
         self._batches_seen = state.get("batches_seen", 0)
         self._restored = state
-
-
-def _check_same_weights(template: keras.Model, trained: keras.Model) -> None:
-    a, b = template.weights, trained.weights
-    if len(a) != len(b):
-        raise ValueError(
-            f"the template {template.name!r} has {len(a)} weights, the trained "
-            f"model {trained.name!r} has {len(b)}."
-        )
-    for x, y in zip(a, b):
-        if tuple(x.shape) != tuple(y.shape):
-            raise ValueError(
-                f"weight {x.path!r} of the template has shape {tuple(x.shape)}, "
-                f"weight {y.path!r} of the trained model has shape {tuple(y.shape)}."
-            )
 
 
 def resume(
