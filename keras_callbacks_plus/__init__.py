@@ -4,6 +4,7 @@ Works with the TensorFlow and JAX backends; never imports PyTorch.
 """
 
 from keras_callbacks_plus import distribute
+from keras_callbacks_plus._version import __version__
 from keras_callbacks_plus.activations import (
     ActivationLogger,
     intermediate_outputs,
@@ -14,8 +15,6 @@ from keras_callbacks_plus.data import HDF5Sequence
 from keras_callbacks_plus.distribute import copy_weights, data_parallel
 from keras_callbacks_plus.early_stopping import RobustEarlyStopping
 from keras_callbacks_plus.unfreezing import ProgressiveUnfreezing
-
-__version__ = "0.1.0.dev0"
 
 __all__ = [
     "ActivationLogger",

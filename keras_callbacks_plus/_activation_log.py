@@ -48,7 +48,7 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             pass
     try:
-        from keras_callbacks_plus import __version__
+        from keras_callbacks_plus._version import __version__
 
         found["keras_callbacks_plus"] = __version__
     except ImportError:

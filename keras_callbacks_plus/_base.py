@@ -1,4 +1,4 @@
-"""What every callback of this package shares: verbose output, state, and the fit's siblings.
+"""What every callback of this package shares: output, state, the fit's siblings, a twin's scope.
 
 Callbacks of this package register with the model they train at
 `on_train_begin` and leave at `on_train_end`, so that one of them can reach
@@ -14,6 +14,7 @@ any callback that overrides `on_train_batch_end` and is not `async_safe`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -26,6 +27,21 @@ logger = logging.getLogger("keras_callbacks_plus")
 
 # model -> callbacks of this package taking part in its current fit.
 _siblings: "weakref.WeakKeyDictionary[keras.Model, list[Any]]" = weakref.WeakKeyDictionary()
+# Where `distribute.data_parallel` records a twin's strategy (TensorFlow) or
+# distribution (JAX). Here rather than in `distribute`, so that modules below
+# it (`_optimizers`) reach a twin's scope without importing it.
+TWIN_ATTR = "_keras_callbacks_plus_distribution"
+
+
+def twin_distribution(model: keras.Model) -> Any:
+    """The strategy or distribution of a `data_parallel` twin; None for any other model."""
+    return getattr(model, TWIN_ATTR, None)
+
+
+def distribution_scope(model: keras.Model) -> contextlib.AbstractContextManager:
+    """The context a twin's own variables are made in; a no-op for any other model."""
+    distribution = twin_distribution(model)
+    return contextlib.nullcontext() if distribution is None else distribution.scope()
 
 
 def callbacks_of(model: keras.Model) -> list["PlusCallback"]:

@@ -31,6 +31,8 @@ import dataclasses
 import keras
 from keras import ops
 
+from keras_callbacks_plus import _compat
+
 _MARK = "_keras_callbacks_plus_lr_scaling"
 
 
@@ -103,17 +105,14 @@ def scaled_copy(
 
 def _install(optimizer, scaling: Scaling) -> None:
     update_step = optimizer.update_step
-    apply_weight_decay = optimizer._apply_weight_decay
+    apply_weight_decay = _compat.apply_weight_decay_rule(optimizer)
     # The base rule `w -= w * weight_decay * lr` moves into update_step, where
     # the variable's own rate is known; other rules stay as they are.
-    base_rule = keras.optimizers.Optimizer._apply_weight_decay
-    decay_here = type(optimizer)._apply_weight_decay is base_rule
+    decay_here = _compat.has_base_weight_decay_rule(optimizer)
     multipliers = scaling.multipliers
 
     def multiplier(variable) -> float:
-        # `_get_variable_index` is how every Keras optimizer finds a
-        # variable's slots; it accepts TensorFlow's per-replica variables.
-        return multipliers[optimizer._get_variable_index(variable)] if multipliers else 1.0
+        return multipliers[_compat.variable_index(optimizer, variable)] if multipliers else 1.0
 
     def factor(variable):
         value = multiplier(variable)
@@ -133,7 +132,7 @@ def _install(optimizer, scaling: Scaling) -> None:
         if (
             decay_here
             and optimizer.weight_decay is not None
-            and optimizer._use_weight_decay(variable)
+            and _compat.uses_weight_decay(optimizer, variable)
         ):
             wd = ops.cast(optimizer.weight_decay, variable.dtype)
             optimizer.assign_sub(variable, variable * wd * ops.cast(learning_rate, variable.dtype))
@@ -145,4 +144,4 @@ def _install(optimizer, scaling: Scaling) -> None:
         return apply_weight_decay(variables)
 
     optimizer.update_step = scaled_update_step
-    optimizer._apply_weight_decay = scaled_weight_decay
+    _compat.replace_weight_decay(optimizer, scaled_weight_decay)

@@ -15,7 +15,7 @@ from typing import Callable
 
 import keras
 
-from keras_callbacks_plus import _layers, distribute
+from keras_callbacks_plus import _base, _layers
 
 
 def state_keys(optimizer, model: keras.Model | None = None) -> list[str]:
@@ -107,7 +107,7 @@ def rebuild_optimizer(
     if old is None:
         raise ValueError(f"Model {model.name!r} is not compiled: it has no optimizer to rebuild.")
     new = make(old) if make is not None else old.__class__.from_config(old.get_config())
-    with distribute.scope(model):
+    with _base.distribution_scope(model):
         new.build(model.trainable_variables)
     if old.built:
         copy_optimizer_state(old, new)
@@ -168,7 +168,7 @@ def restore_optimizer_state(model: keras.Model, values: dict[str, object]) -> No
     """
     optimizer = model.optimizer
     if not optimizer.built:
-        with distribute.scope(model):
+        with _base.distribution_scope(model):
             optimizer.build(model.trainable_variables)
     # `compile_from_config` builds the optimizer over every variable trainable
     # then; a file must hold exactly the slots of the trainable set now, or

@@ -266,7 +266,9 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
         self._monitor.bind(self.model)
         if self.template_model is not None:
             try:
-                distribute.check_same_architecture(self.template_model, self.model)
+                distribute.check_same_architecture(
+                    self.template_model, self.model, roles=("the template", "the trained model")
+                )
             except ValueError as error:
                 raise ValueError(f"Invalid value for argument template_model: {error}") from None
         self._writer.reset_recipe()

@@ -46,7 +46,7 @@ def test_twin_trains_on_two_devices_and_template_predicts_the_same(two_devices, 
     assert distribute.num_replicas(twin) == 2
     assert distribute.num_replicas(template) == 1
     for variable in twin.weights:  # every variable lives on both devices
-        assert len(distribute._replica_values(variable)) == 2
+        assert len(distribute._backend.replica_values(variable)) == 2
 
     twin.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     x, y = tiny_data
@@ -248,20 +248,21 @@ def test_multi_worker_refuses_an_untested_keras(monkeypatch):
     if BACKEND == "tensorflow":
         with pytest.raises(RuntimeError, match="keras-team/keras#20585"):
             distribute.multi_worker_strategy(["127.0.0.1:1", "127.0.0.1:2"], 0)
-        assert distribute._multi_worker is None
+        assert distribute._backend.multi_worker() is None
 
 
 def test_multi_worker_arguments_are_checked():
     with pytest.raises(ValueError, match="worker_index"):
         distribute.multi_worker_strategy(["127.0.0.1:1", "127.0.0.1:2"], 2)
-    assert distribute._multi_worker is None
+    assert distribute._backend.multi_worker() is None
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="the Keras fix is for the TensorFlow trainer")
 def test_compat_patch_is_idempotent():
+    import tensorflow as tf
     from keras.src.backend.tensorflow import trainer as tf_trainer
 
-    _compat.patch_multi_worker_fit()
+    _compat.patch_multi_worker_fit(tf)
     patched = tf_trainer.reduce_per_replica
-    _compat.patch_multi_worker_fit()
+    _compat.patch_multi_worker_fit(tf)
     assert tf_trainer.reduce_per_replica is patched

@@ -656,7 +656,7 @@ def test_twin_restore_reaches_every_replica(two_devices, tiny_model, tiny_data):
     _assert_weights_equal(twin.get_weights(), recorder.weights[stopper.best_epoch])
     # Every replica holds the best epoch's values, BatchNorm statistics included.
     for variable, expected in zip(twin.weights, recorder.weights[stopper.best_epoch]):
-        for replica in distribute._replica_values(variable):
+        for replica in distribute._backend.replica_values(variable):
             np.testing.assert_array_equal(replica, expected)
 
 

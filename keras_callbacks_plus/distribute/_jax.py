@@ -1,0 +1,226 @@
+"""The JAX side of `distribute`: keras.distribution, host devices and multihost collectives.
+
+It defines the same functions as `_tf.py`; `distribute/__init__.py` imports
+one of the two, once, by the Keras backend.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import keras
+import numpy as np
+from jax.experimental import multihost_utils
+
+from keras_callbacks_plus.distribute._devices import canonical_device
+
+# What `start_multi_worker()` set up in this process, if anything.
+_multi_worker: Any = None
+
+
+def local_devices() -> list[Any]:
+    """This process's JAX devices."""
+    return jax.local_devices()
+
+
+def split_host_cpu(count: int) -> None:
+    """Asks XLA for `count` host devices, unless the flag is already set.
+
+    Only a JAX runtime that has not started yet reads the flag.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_force_host_platform_device_count" not in flags:
+        flag = f"--xla_force_host_platform_device_count={count}"
+        os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
+
+
+def device_distribution(devices: tuple[str, ...]):
+    """`keras.distribution.DataParallel` over `devices` (names such as `"cpu:0"`)."""
+    by_name = {canonical_device(d): d for d in jax.local_devices()}
+    return keras.distribution.DataParallel(devices=[by_name[d] for d in devices])
+
+
+def num_replicas(distribution) -> int:
+    """How many devices `distribution` (a DataParallel) splits batches over."""
+    return int(np.prod(distribution.device_mesh.shape))
+
+
+def multi_worker():
+    """The distribution `start_multi_worker()` set up in this process, or None."""
+    return _multi_worker
+
+
+def start_multi_worker(addresses: list[str] | None, index: int | None):
+    """Connects the JAX processes and makes a DataParallel over all their devices.
+
+    Args:
+        addresses: `"host:port"` of every process, the first the
+            coordinator; or None to use the `KERAS_DISTRIBUTION_*` variables.
+        index: this process's position in `addresses`.
+
+    Returns:
+        The distribution, now this process's multi-worker setup.
+    """
+    global _multi_worker
+    # CPU collectives across processes need gloo; GPUs use their own.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        keras.distribution.initialize(
+            job_addresses=",".join(addresses) if addresses else None,
+            num_processes=len(addresses) if addresses else None,
+            process_id=index,
+        )
+    except RuntimeError as error:
+        raise RuntimeError(
+            "multi_worker_strategy() must run at program start, before JAX "
+            f"executes any computation: {error}"
+        ) from error
+    _multi_worker = keras.distribution.DataParallel(
+        devices=jax.devices(), auto_shard_dataset=False
+    )
+    return _multi_worker
+
+
+def worker_index() -> int:
+    """This process's index."""
+    return jax.process_index()
+
+
+def num_workers() -> int:
+    """The number of JAX processes."""
+    return jax.process_count()
+
+
+def barrier() -> None:
+    """Blocks until every process has reached this call (several processes)."""
+    multihost_utils.sync_global_devices("keras_callbacks_plus.barrier")
+
+
+def any_worker(flag: bool) -> bool:
+    """Whether `flag` is True on any process (several processes)."""
+    gathered = multihost_utils.process_allgather(np.asarray([int(bool(flag))], np.int32))
+    return bool(np.asarray(gathered).max())
+
+
+def broadcast_from_chief(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Process 0's `arrays` on every process (several processes)."""
+    # As bytes: JAX without x64 would turn int64 / float64 into 32 bits.
+    raw = [np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in arrays]
+    received = multihost_utils.broadcast_one_to_all(raw)
+    return [
+        np.asarray(r).view(a.dtype).reshape(a.shape) for r, a in zip(received, arrays)
+    ]
+
+
+def prepare_twin(twin: keras.Model) -> None:
+    """Nothing to do: DataParallel runs one SPMD program, so batch statistics are global."""
+
+
+def guard_method(name: str, method: Callable, replicas: int) -> tuple[Callable, Callable | None]:
+    """A twin's method, padded for `predict`, and the check of its batches.
+
+    DataParallel splits every batch evenly over the devices: fit, evaluate
+    and the batch methods get a clear error before any step instead of a
+    sharding error after an epoch; predict pads to whole replica batches.
+    """
+    check = _even_batches_guard(name, method, replicas)
+    if name == "predict":
+        method = _predict_padded(method, replicas)
+    return method, check
+
+
+def _num_samples(data) -> int | None:
+    """Rows of an array or of a (nested) structure of arrays; None for datasets."""
+    leaves = keras.tree.flatten(data) if isinstance(data, (list, tuple, dict)) else [data]
+    if not leaves or not all(hasattr(leaf, "shape") and len(leaf.shape) for leaf in leaves):
+        return None
+    return int(leaves[0].shape[0])
+
+
+def _check_even_batches(method: str, replicas: int, samples: int | None, batch_size: int) -> None:
+    if samples is None or replicas <= 1:
+        return
+    last = samples % batch_size
+    if batch_size % replicas == 0 and last % replicas == 0:
+        return
+    raise ValueError(
+        f"{method}() on a data-parallel twin splits every batch evenly over its "
+        f"{replicas} replicas (JAX backend), but {samples} samples in batches of "
+        f"{batch_size} give a batch of {last or batch_size}. Use a batch_size that "
+        f"is a multiple of {replicas}, and a number of samples that leaves a "
+        f"multiple of {replicas} in the last batch (for example drop "
+        f"{last % replicas} samples)."
+    )
+
+
+def _even_batches_guard(name, method, replicas):
+    """Checks array inputs of a JAX twin's methods before any step runs."""
+    signature = inspect.signature(method)
+
+    def check(args, kwargs):
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        x = bound.get("x")
+        batch_size = bound.get("batch_size") or 32
+        if name in ("fit", "evaluate"):
+            samples = _num_samples(x)
+            split = bound.get("validation_split") or 0.0
+            if samples is not None and split:
+                train = int(math.ceil(samples * (1.0 - split)))
+                _check_even_batches(name, replicas, train, batch_size)
+                _check_even_batches(name, replicas, samples - train, batch_size)
+            else:
+                _check_even_batches(name, replicas, samples, batch_size)
+            val = bound.get("validation_data")
+            if isinstance(val, (list, tuple)) and val:
+                val_batch = bound.get("validation_batch_size") or batch_size
+                _check_even_batches("fit", replicas, _num_samples(val[0]), val_batch)
+        elif name in ("train_on_batch", "test_on_batch"):
+            samples = _num_samples(x)
+            _check_even_batches(name, replicas, samples, samples or 1)
+
+    return check
+
+
+def _predict_padded(method, replicas):
+    """Pads array inputs to whole replica batches, then drops the padding."""
+    signature = inspect.signature(method)
+
+    def predict(*args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs)
+        x = bound.arguments.get("x")
+        samples = _num_samples(x)
+        batch_size = bound.arguments.get("batch_size") or 32
+        if samples is None or batch_size % replicas or samples % replicas == 0:
+            return method(*args, **kwargs)
+        pad = replicas - samples % replicas
+        bound.arguments["x"] = keras.tree.map_structure(
+            lambda a: np.concatenate([np.asarray(a), np.repeat(np.asarray(a)[-1:], pad, 0)]), x
+        )
+        outputs = method(*bound.args, **bound.kwargs)
+        return keras.tree.map_structure(lambda out: out[:samples], outputs)
+
+    return predict
+
+
+def host_views(variables) -> Iterator[np.ndarray]:
+    """A host view of each variable."""
+    return (np.asarray(v.value) for v in variables)
+
+
+def replica_values(variable) -> list[np.ndarray]:
+    """Every replica's value of `variable` in this process, on the host."""
+    return [np.asarray(shard.data) for shard in variable.value.addressable_shards]
+
+
+def compile_function(fn):
+    """`jax.jit(fn)`."""
+    return jax.jit(fn)
+
+
+def host_cpu_scope():
+    """The context that places new arrays on the host CPU."""
+    return jax.default_device(jax.local_devices(backend="cpu")[0])
