@@ -10,7 +10,8 @@ from keras_callbacks_plus.activations import (
     intermediate_outputs,
     read_activation_log,
 )
-from keras_callbacks_plus.checkpoint import ParallelModelCheckpoint, resume
+from keras_callbacks_plus._preemption import PREEMPTED_EXIT_CODE
+from keras_callbacks_plus.checkpoint import Keep, ParallelModelCheckpoint, resume
 from keras_callbacks_plus.data import HDF5Sequence
 from keras_callbacks_plus.distribute import copy_weights, data_parallel
 from keras_callbacks_plus.early_stopping import RobustEarlyStopping
@@ -19,6 +20,8 @@ from keras_callbacks_plus.unfreezing import ProgressiveUnfreezing
 __all__ = [
     "ActivationLogger",
     "HDF5Sequence",
+    "Keep",
+    "PREEMPTED_EXIT_CODE",
     "ParallelModelCheckpoint",
     "ProgressiveUnfreezing",
     "RobustEarlyStopping",

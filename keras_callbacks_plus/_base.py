@@ -97,6 +97,10 @@ class PlusCallback(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         siblings = _siblings.setdefault(self.model, [])
+        if self.params:
+            # A fit gives all its callbacks the same params dict: callbacks of an
+            # earlier fit that ended in an exception (no on_train_end) leave.
+            siblings[:] = [cb for cb in siblings if not cb.params or cb.params is self.params]
         if self not in siblings:
             siblings.append(self)
         self.preempted = False

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 from keras_callbacks_plus import _optimizers, _storage, _writer, distribute
-from keras_callbacks_plus._base import legacy_state_keys, state_keys
+from keras_callbacks_plus._base import distribution_scope, legacy_state_keys, state_keys
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +172,14 @@ def resume(
 def _load_model_state(storage, path: str, record: dict[str, Any], model: keras.Model) -> None:
     with storage.local_copy(path) as local:
         if not path.endswith(".keras"):
+            # As Model.save_weights wrote it: the optimizer's state too, which
+            # loads into an optimizer built over the same trainable set.
+            if record.get("trainable") is not None:
+                _optimizers.apply_trainable_flags(model, record["trainable"])
+            optimizer = getattr(model, "optimizer", None)
+            if optimizer is not None and not optimizer.built:
+                with distribution_scope(model):
+                    optimizer.build(model.trainable_variables)
             model.load_weights(local)
         else:
             saved = keras.saving.load_model(local)

@@ -24,8 +24,9 @@ class Snapshot:
 
     Attributes:
         weights: one array per `model.weights`.
-        optimizer: one array per `model.optimizer.variables`, or None (no
-            optimizer state in the file: weights only, not compiled, not built).
+        optimizer: one array per `model.optimizer.variables` (before its
+            first step an optimizer has its iteration count and learning rate
+            only), or None (weights only, or not compiled).
         optimizer_keys: `_optimizers.state_keys` of those, matching copies of
             the model whose variable paths differ.
         trainable: for each of `model.weights`, whether it trains now.
@@ -40,6 +41,7 @@ class Snapshot:
     optimizer_keys: list[str] | None
     trainable: list[bool]
     extra: dict[str, list[np.ndarray]]
+    optimizer_built: bool = False
 
 
 class Snapshotter:
@@ -59,8 +61,7 @@ class Snapshotter:
         weights = self._copy("weights", model.weights, spare)
         optimizer = keys = None
         opt = getattr(model, "optimizer", None)
-        # Before its first step an optimizer holds nothing a fresh one lacks.
-        if with_optimizer and opt is not None and opt.built:
+        if with_optimizer and opt is not None:
             optimizer = self._copy("optimizer", opt.variables, spare)
             keys = _optimizers.state_keys(opt, model)
         in_weights = {id(v) for v in model.weights}
@@ -69,4 +70,5 @@ class Snapshotter:
             "metrics": distribute.host_copy(model.metrics_variables),
             "seeds": distribute.host_copy(seeds),
         }
-        return Snapshot(weights, optimizer, keys, _optimizers.trainable_flags(model), extra)
+        return Snapshot(weights, optimizer, keys, _optimizers.trainable_flags(model), extra,
+                        optimizer_built=bool(opt is not None and opt.built))

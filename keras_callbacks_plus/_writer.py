@@ -74,7 +74,7 @@ class CheckpointWriter:
 
     Args:
         storage: where the files go.
-        weights_only: `.weights.h5` files (no optimizer, no config).
+        weights_only: `.weights.h5` files (weights and optimizer state, no config).
         template_model: the single-device template to update after each
             save, or None.
         owner: the callback's name, for messages.
@@ -93,7 +93,7 @@ class CheckpointWriter:
 
     def set_recipe(self, model_config: dict, compile_config: dict | None) -> None:
         """What the layout model is built from (taken on the training thread, at the first save)."""
-        self._recipe = (model_config, None if self.weights_only else compile_config)
+        self._recipe = (model_config, compile_config)
         self._model = self._layout = None
 
     def reset_recipe(self) -> None:
@@ -127,7 +127,8 @@ class CheckpointWriter:
         model = self._layout_model(snapshot.trainable)
         order = None
         if snapshot.optimizer is not None and model.optimizer is not None:
-            order = self._optimizer_order(model, snapshot.optimizer_keys)
+            order = self._optimizer_order(model, snapshot.optimizer_keys,
+                                          snapshot.optimizer_built)
         layout = None
         if not _compat.saving_layout_supported():
             self._warn(f"Keras {_compat.keras_version()} is not among the versions its fast "
@@ -140,14 +141,17 @@ class CheckpointWriter:
         self._layout = (key, layout, order)
         return model, layout, order
 
-    def _optimizer_order(self, model: keras.Model, keys: list[str]) -> list[int]:
+    def _optimizer_order(self, model: keras.Model, keys: list[str], built: bool) -> list[int]:
         """For each variable of the layout model's optimizer, its index in the snapshot."""
         optimizer = model.optimizer
-        if not optimizer.built or set(keys) != set(_optimizers.state_keys(optimizer, model)):
-            # A file holds exactly the slots of the trainable set (load_model
-            # skips the whole optimizer state otherwise).
-            with distribute.scope(model):
+        if set(keys) != set(_optimizers.state_keys(optimizer, model)):
+            if built:
+                # A file holds exactly the slots of the trainable set (load_model
+                # skips the whole optimizer state otherwise).
                 optimizer = _optimizers.rebuild_optimizer(model)
+            else:  # before its first step, as Model.save writes it: no slots
+                optimizer = optimizer.__class__.from_config(optimizer.get_config())
+                model.optimizer = optimizer
         index = {key: i for i, key in enumerate(keys)}
         mine = _optimizers.state_keys(optimizer, model)
         missing = [key for key in mine if key not in index]
@@ -213,7 +217,8 @@ class CheckpointWriter:
         if layout is None:
             return lambda local: self._full_save(model, snapshot, local)
         if self.weights_only:
-            return lambda local: _keras_format.write_h5(local, layout, snapshot.weights)
+            # As Model.save_weights: the optimizer's state too, for a compiled model.
+            return lambda local: _keras_format.write_h5(local, layout, snapshot.weights, optimizer)
         config = _keras_format.config_json(layout, optimizer_config)
         return lambda local: _keras_format.write_keras(local, layout, config, snapshot.weights,
                                                        optimizer)
@@ -222,7 +227,7 @@ class CheckpointWriter:
         """The fallback: the snapshot assigned into the layout model, then `Model.save`."""
         # Private copies: Keras may keep a view of what it is given.
         model.set_weights([np.array(w) for w in snapshot.weights])
-        if snapshot.optimizer is not None and not self.weights_only:
+        if snapshot.optimizer_built:
             values = {k: np.array(v) for k, v in zip(snapshot.optimizer_keys, snapshot.optimizer)}
             _optimizers.restore_optimizer_state(model, values)
             self._layout = None  # restoring may rebuild the optimizer

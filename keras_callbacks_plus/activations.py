@@ -410,7 +410,7 @@ class ActivationLogger(PlusCallback):
     # -- logging
 
     def on_epoch_end(self, epoch, logs=None):
-        if not self._evaluates or (epoch + 1) % self.every:
+        if not self._evaluates or (epoch + 1) % self.every or self.preempted:
             return
         start = time.perf_counter()
         model, evaluator, records = self.model, self._evaluator, []
@@ -476,7 +476,7 @@ class ActivationLogger(PlusCallback):
 
     # -- state
 
-    def get_state(self, directory: str | None = None) -> dict[str, Any]:
+    def get_state(self) -> dict[str, Any]:
         """The HDF5 run and the fixed bin edges, so that a resumed fit continues them."""
         return {
             "run": self._run,
@@ -484,6 +484,6 @@ class ActivationLogger(PlusCallback):
                           for phase, by in self._edges.items()},
         }
 
-    def set_state(self, state: dict[str, Any], directory: str | None = None) -> None:
+    def set_state(self, state: dict[str, Any], arrays=None, directory: str | None = None) -> None:
         """Restores `get_state()`: the next fit appends to the same run with the same edges."""
         self._restored = {"run": state.get("run"), "bin_edges": state.get("bin_edges", {})}

@@ -213,8 +213,8 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
         self.save_on_preemption = bool(save_on_preemption)
         self.strict = bool(strict)
         self._suffix = expected
-        self._async_writer = AsyncWriter("ParallelModelCheckpoint-writer", enabled=async_save)
-        self._writer = _writer.CheckpointWriter(self._storage, save_weights_only,
+        self._writer = AsyncWriter("ParallelModelCheckpoint-writer", enabled=async_save)
+        self._job_writer = _writer.CheckpointWriter(self._storage, save_weights_only,
                                                 template_model, _OWNER)
         self._snapshotter = Snapshotter()
         self._flag = SignalFlag(self._signals, _OWNER)
@@ -271,7 +271,7 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
                 )
             except ValueError as error:
                 raise ValueError(f"Invalid value for argument template_model: {error}") from None
-        self._writer.reset_recipe()
+        self._job_writer.reset_recipe()
         self._to_refresh = None
         self._logs: dict[str, Any] = {}
         self.preemption_save_seconds: float | None = None
@@ -377,7 +377,7 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
             if self.preempted and self._pending_preemption_save():
                 self._save_on_preemption(self._logs, None)
             self._refresh_states()
-            self._async_writer.wait_until_finished()
+            self._writer.wait_until_finished()
         finally:
             self._flag.uninstall()
             self._resume_at = None
@@ -467,8 +467,8 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
 
     def _raise_writer_failure(self) -> None:
         # A failure of the previous write surfaces here, on every worker.
-        if distribute.any_worker(self._async_writer.failed):
-            self._async_writer.wait_until_finished()
+        if distribute.any_worker(self._writer.failed):
+            self._writer.wait_until_finished()
             raise RuntimeError("ParallelModelCheckpoint: the chief's checkpoint writer failed.")
 
     def _submit(self, target: str | None, last: str | None, logs: dict[str, Any],
@@ -504,14 +504,13 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
         self._last_save = _clock()
         # A write in flight uses the reused host buffers: wait for it, unless
         # the grace period after a signal is running (then spare buffers).
-        busy = preemption and self._async_writer.busy
+        busy = preemption and self._writer.busy
         waited = 0.0
         if not busy:
             start = _clock()
-            self._async_writer.wait_until_finished()
+            self._writer.wait_until_finished()
             waited = _clock() - start
-        snapshot = self._snapshotter.take(
-            model, with_optimizer=not self.save_weights_only, spare=busy)
+        snapshot = self._snapshotter.take(model, with_optimizer=True, spare=busy)
         if not distribute.is_chief():
             # Every worker's template holds the trained weights; only the chief writes.
             if self.template_model is not None:
@@ -520,11 +519,10 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
         record["trainable"] = snapshot.trainable
         record["resume"] = _resume.resume_record(
             snapshot, done, self._epoch_rng if done else np.random.get_state())
-        if not self._writer.ready:
-            compiled = not self.save_weights_only and optimizer is not None
-            self._writer.set_recipe(
+        if not self._job_writer.ready:
+            self._job_writer.set_recipe(
                 keras.saving.serialize_keras_object(self.template_model or model),
-                model.get_compile_config() if compiled else None,
+                model.get_compile_config() if optimizer is not None else None,
             )
         siblings = callbacks_of(model)  # all registered by now, none gone yet
         record["callbacks"], arrays, files = self._sibling_states(siblings)
@@ -542,11 +540,11 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
         written: list = []
         if preemption:
             start = _clock()
-            self._async_writer.wait_until_finished()
+            self._writer.wait_until_finished()
             waited += _clock() - start
-            written.extend(self._writer.write(job))
+            written.extend(self._job_writer.write(job))
         else:
-            self._async_writer.submit(lambda: written.extend(self._writer.write(job)))
+            self._writer.submit(lambda: written.extend(self._job_writer.write(job)))
         if batch is None:
             # Callbacks listed after this one have not seen this epoch's end yet;
             # their new states go into the sidecar at the next epoch or train end.
@@ -611,8 +609,8 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
             self._last_arrays = files
         doomed_arrays = sorted(before - self._referenced_arrays())
         updated = {**record, "callbacks": states}
-        self._async_writer.submit(
-            lambda: self._writer.write_sidecars(written, updated, arrays, doomed_arrays))
+        self._writer.submit(
+            lambda: self._job_writer.write_sidecars(written, updated, arrays, doomed_arrays))
 
     # -- state -----------------------------------------------------------------
 

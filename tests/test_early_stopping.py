@@ -405,36 +405,98 @@ def test_state_round_trip_decides_like_an_uninterrupted_run(model, tmp_path):
     for split in range(1, expected[1] + 1):
         first = RobustEarlyStopping(**kwargs)
         _drive(first, model, values[:split], end=False)  # interrupted: no on_train_end
-        state = json.loads(json.dumps(first.get_state(str(tmp_path / f"split{split}"))))
+        state = json.loads(json.dumps(first.get_state()))
         second = RobustEarlyStopping(**kwargs)
-        second.set_state(state, str(tmp_path / f"split{split}"))
+        second.set_state(state, _arrays_of(first))
         _drive(second, model, values[split:], start=split)
         assert (second.stop_reason, second.stopped_epoch, second.best, second.best_epoch) == (
             expected), split
         assert _marker(model) == restored_epoch, split
 
 
-def test_state_writes_best_weights_only_when_they_change(model, tmp_path):
-    stopper = RobustEarlyStopping(patience=5)
-    assert stopper.get_state(str(tmp_path))["best_weights"] is None  # nothing held yet
-    _drive(stopper, model, [1.0, 0.5], end=False)
-    state = stopper.get_state(str(tmp_path))
-    path = tmp_path / state["best_weights"]
-    first = path.stat().st_ino
-    stopper.on_epoch_end(2, {"val_loss": 0.7})  # no improvement
-    assert stopper.get_state(str(tmp_path))["best_weights"] == state["best_weights"]
-    assert path.stat().st_ino == first
-    stopper.on_epoch_end(3, {"val_loss": 0.1})
-    stopper.get_state(str(tmp_path))
-    assert path.stat().st_ino != first
-    assert set(os.listdir(tmp_path)) == {state["best_weights"]}
-    # Without a directory the state leaves the weights out.
-    assert stopper.get_state()["best_weights"] is None
+def _arrays_of(callback):
+    return {name: arrays for name, (_, arrays) in callback.state_arrays().items()}
 
-    with pytest.raises(ValueError, match="pass the directory"):
+
+def test_state_has_no_side_effects_and_names_best_weights_by_version(model, tmp_path):
+    stopper = RobustEarlyStopping(patience=5)
+    assert stopper.state_arrays() == {}  # nothing held yet
+    _drive(stopper, model, [1.0, 0.5], end=False)
+    before = os.listdir(tmp_path)
+    json.dumps(stopper.get_state())  # plain data
+    assert os.listdir(tmp_path) == before
+    version, weights = stopper.state_arrays()["best_weights"]
+    assert _marker_of(weights) == 1
+    stopper.on_epoch_end(2, {"val_loss": 0.7})  # no improvement: the same version
+    assert stopper.state_arrays()["best_weights"][0] == version
+    _mark(model, 3)
+    stopper.on_epoch_end(3, {"val_loss": 0.1})
+    newer, weights = stopper.state_arrays()["best_weights"]
+    assert newer != version and _marker_of(weights) == 3
+    # Without restore_best_weights there is nothing to save.
+    assert RobustEarlyStopping(restore_best_weights=False).state_arrays() == {}
+
+
+def _marker_of(weights):
+    return int(weights[0].flat[0])
+
+
+def test_checkpoints_write_best_weights_only_when_they_change(tiny_model, tmp_path):
+    from keras_callbacks_plus import ParallelModelCheckpoint, resume
+
+    model = _compiled(tiny_model)
+    stopper = RobustEarlyStopping(patience=5)
+    checkpoint = ParallelModelCheckpoint(str(tmp_path / "m_{epoch}.keras"), max_to_keep=2,
+                                         async_save=False)
+    checkpoint.set_model(model)
+    checkpoint.on_train_begin()
+    saved = []
+    for epoch, value in enumerate([1.0, 0.5, 0.7, 0.8, 0.1]):
+        checkpoint.on_epoch_begin(epoch)
+        stopper_logs = {"val_loss": value}
+        _drive_one(stopper, model, epoch, stopper_logs)
+        checkpoint.on_epoch_end(epoch, stopper_logs)
+        saved.append(sorted(f for f in os.listdir(tmp_path) if f.endswith(".npz")))
+    checkpoint.on_train_end()
+    stopper.on_train_end()
+    # A new file when the best weights change (epochs 1, 2, 5), none otherwise; one that
+    # no kept checkpoint refers to any more goes with it (max_to_keep=2: epoch 1's at epoch 3).
+    assert [len(files) for files in saved] == [1, 2, 1, 1, 2]
+    assert saved[1][1] == saved[2][0] == saved[3][0] == saved[4][0]
+    resumed = RobustEarlyStopping(patience=5)
+    resume(_fresh(model), tmp_path, callbacks=[checkpoint, resumed])
+    assert resumed.best_epoch == 4 and _marker_of(resumed.best_weights) == 4
+
+
+def _fresh(model):
+    copy = keras.models.clone_model(model)
+    copy.compile(optimizer=keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy")
+    return copy
+
+
+def _drive_one(stopper, model, epoch, logs):
+    if epoch == 0:
+        stopper.set_model(model)
+        model.stop_training = False
+        stopper.on_train_begin()
+    stopper.on_epoch_begin(epoch)
+    _mark(model, epoch)
+    stopper.on_epoch_end(epoch, logs)
+
+
+def test_states_of_earlier_versions_still_load(model, tmp_path):
+    """0.1.0.dev0 wrote best weights to `early_stopping_<monitor>.best.npz` beside the state."""
+    np.savez(tmp_path / "early_stopping_val_loss.best.npz",
+             *[np.full(w.shape, 3, w.dtype) for w in model.get_weights()])
+    state = {"version": 1, "monitor": "val_loss", "best": 0.5, "best_epoch": 3, "wait": 1,
+             "best_weights": "early_stopping_val_loss.best.npz"}
+    with pytest.raises(ValueError, match="directory"):
         RobustEarlyStopping().set_state(state)
     with pytest.raises(FileNotFoundError, match="do not exist"):
-        RobustEarlyStopping().set_state(state, str(tmp_path / "elsewhere"))
+        RobustEarlyStopping().set_state(state, directory=str(tmp_path / "elsewhere"))
+    stopper = RobustEarlyStopping(patience=5)
+    stopper.set_state(state, directory=str(tmp_path))
+    assert (stopper.best_epoch, _marker_of(stopper.best_weights)) == (3, 3)
     # Old or partial states load with defaults.
     partial = RobustEarlyStopping(patience=1)
     partial.set_state({"best": 0.5, "best_epoch": 0})
@@ -578,17 +640,18 @@ class Interrupt(Exception):
 
 
 class InterruptAfter(keras.callbacks.Callback):
-    """Crashes the fit after epoch `epoch`; first keeps `stopper.get_state(directory)`."""
+    """Crashes the fit after epoch `epoch`; first keeps `stopper`'s state and arrays."""
 
-    def __init__(self, epoch, stopper=None, directory=None):
+    def __init__(self, epoch, stopper=None):
         super().__init__()
-        self.epoch, self.stopper, self.directory = epoch, stopper, directory
-        self.state = None
+        self.epoch, self.stopper = epoch, stopper
+        self.state = self.arrays = None
 
     def on_epoch_end(self, epoch, logs=None):
         if epoch == self.epoch:
             if self.stopper is not None:
-                self.state = json.loads(json.dumps(self.stopper.get_state(self.directory)))
+                self.state = json.loads(json.dumps(self.stopper.get_state()))
+                self.arrays = _arrays_of(self.stopper)
             raise Interrupt
 
 
@@ -615,11 +678,11 @@ def test_resumed_fit_decides_like_an_uninterrupted_one(tiny_model, tiny_data, tm
     first = RobustEarlyStopping(**kwargs)
     second = RobustEarlyStopping(**kwargs)
     if through == "get_state":
-        interrupt = InterruptAfter(split - 1, first, str(tmp_path))
+        interrupt = InterruptAfter(split - 1, first)
         with pytest.raises(Interrupt):
             net.fit(x, y, callbacks=[first, interrupt], **fit)
         state = interrupt.state
-        second.set_state(state, str(tmp_path))
+        second.set_state(state, interrupt.arrays)
     else:
         checkpoint = ParallelModelCheckpoint(
             str(tmp_path / "ckpt" / "epoch{epoch:02d}.weights.h5"), save_weights_only=True,

@@ -380,8 +380,9 @@ def test_difference_unknown_mode_is_an_error():
 def test_difference_invalid_save_freq_wording():
     """Keras raises "Unrecognized save_freq: ..." (case 9); the error type is the same."""
     with pytest.raises(ValueError, match=re.escape(
-            "Invalid value for argument save_freq. Expected 'epoch' or a positive int. "
-            "Received: save_freq='invalid_save_freq'")):
+            "Invalid value for argument save_freq. Expected 'epoch', a positive int (a number "
+            "of batches), a positive duration such as '30min', '1h', '90s' or '1h30min', or a "
+            "datetime.timedelta. Received: save_freq='invalid_save_freq'")):
         ParallelModelCheckpoint("checkpoint.weights.h5", save_weights_only=True,
                                 save_freq="invalid_save_freq")
 

@@ -421,3 +421,27 @@ def compile_function(fn):
     once, with an info log.
     """
     return _backend.compile_function(fn)
+
+
+def skip_batches(model: keras.Model, count: int, logs: dict[str, float]) -> None:
+    """Makes `model`'s next `count` training batches read but not trained.
+
+    Replaces `model.train_function` until they are skipped: each of those
+    steps takes its batch from the iterator and returns `logs` (what the
+    interrupted run reported at that point), so a resumed epoch continues at
+    the batch where a checkpoint was written, with the data order of the
+    interrupted run. Call it when the train function is final for the epoch,
+    e.g. from `on_train_batch_begin`.
+    """
+    train_function = model.train_function
+    left = [count]
+
+    def done_skipping() -> bool:
+        if left[0] <= 0:
+            model.train_function = train_function
+            return True
+        left[0] -= model.steps_per_execution
+        return False
+
+    model.train_function = _backend.skipping_train_function(
+        train_function, done_skipping, logs, model.steps_per_execution)

@@ -224,3 +224,17 @@ def compile_function(fn):
 def host_cpu_scope():
     """The context that places new arrays on the host CPU."""
     return jax.default_device(jax.local_devices(backend="cpu")[0])
+
+
+def skipping_train_function(train_function: Callable, done_skipping: Callable[[], bool],
+                            logs: dict, steps: int) -> Callable:
+    """A JAX train function that skips steps (reads their batches) until `done_skipping()`."""
+
+    def skipping(state, iterator):
+        if done_skipping():
+            return train_function(state, iterator)
+        for _ in range(steps):  # one call runs `steps_per_execution` steps
+            next(iterator)
+        return logs, state
+
+    return skipping

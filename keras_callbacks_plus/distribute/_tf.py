@@ -203,3 +203,17 @@ def compile_function(fn):
 def host_cpu_scope():
     """The context that places new variables on the host CPU."""
     return tf.device("/cpu:0")
+
+
+def skipping_train_function(train_function: Callable, done_skipping: Callable[[], bool],
+                            logs: dict, steps: int) -> Callable:
+    """A TensorFlow train function that skips steps (reads their batches) until `done_skipping()`."""
+
+    def skipping(iterator):
+        if done_skipping():
+            return train_function(iterator)
+        for _ in range(steps):  # one call runs `steps_per_execution` steps
+            next(iterator)
+        return logs
+
+    return skipping

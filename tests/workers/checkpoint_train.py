@@ -1,7 +1,7 @@
 """Checkpointing worker for tests/test_checkpoint.py; modes are chosen by argv[1].
 
-* `crash DIR`: trains forever, saving every batch (async, max_to_keep, last);
-  the test kills it with SIGKILL at random moments.
+* `crash DIR`: trains, saving every batch (async, max_to_keep, last), until
+  the test's `KCP_TEST_CRASH_AT` crash point kills it (exits 3 if none did).
 * `multi DIR`: one of 2 workers (KCP_WORKER_ADDRESSES / KCP_WORKER_INDEX);
   trains a data-parallel twin with a checkpoint in the shared DIR and prints
   one JSON line: how many files this process wrote, and its predictions.
@@ -15,7 +15,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 mode, where = sys.argv[1], sys.argv[2]
 
-from keras_callbacks_plus import _files, distribute  # noqa: E402
+from keras_callbacks_plus import _storage, distribute  # noqa: E402
 
 if mode == "multi":
     addresses = os.environ["KCP_WORKER_ADDRESSES"].split(",")
@@ -37,23 +37,18 @@ if mode == "load":
     sys.exit(0)
 
 writes = []
-_write_atomic = _files.write_atomic
+_write_with = _storage.LocalStorage.write_with
 
 
-def counting_write_atomic(target, write):
+def counting_write_with(self, target, write):
     writes.append(str(target))
-    return _write_atomic(target, write)
+    return _write_with(self, target, write)
 
 
-_files.write_atomic = counting_write_atomic
+_storage.LocalStorage.write_with = counting_write_with
 
 if mode == "crash":
-    # Wide enough that a save takes a while: kills land inside writes.
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((8,))
-    hidden = keras.layers.Dense(768, activation="relu")(inputs)
-    hidden = keras.layers.Dense(768, activation="relu")(hidden)
-    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(hidden))
+    model = build_tiny_model()
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     checkpoint = ParallelModelCheckpoint(
         os.path.join(where, "model_{epoch:03d}_{batch:02d}.keras"),
@@ -61,8 +56,8 @@ if mode == "crash":
         max_to_keep=2,
         save_last=True,
     )
-    print("training", flush=True)
-    model.fit(x, y, batch_size=16, epochs=10_000, callbacks=[checkpoint], verbose=0)
+    model.fit(x, y, batch_size=16, epochs=5, callbacks=[checkpoint], verbose=0)
+    sys.exit(3)  # the crash point was never reached
 elif mode == "multi":
     template = build_tiny_model(batch_norm=True)
     twin = distribute.data_parallel(template)
