@@ -9,8 +9,10 @@ so the resumed `fit(initial_epoch=...)` continues as if never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import random
 import warnings
 from typing import Any, Sequence
 
@@ -41,26 +43,49 @@ def arrays_from_record(record: list[dict[str, Any]] | None) -> list[np.ndarray]:
             for r in record or []]
 
 
-def rng_to_record(state: tuple) -> list:
-    kind, keys, position, has_gauss, cached = state
-    return [kind, np.asarray(keys).tolist(), int(position), int(has_gauss), float(cached)]
+def random_states() -> dict[str, list]:
+    """The global random states Keras's data adapters shuffle with, as JSON-able lists.
+
+    NumPy's orders arrays on the JAX and NumPy paths; Python's `random` orders
+    the batches of a `PyDataset` (`fit(shuffle=True)`).
+    """
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {"numpy": [kind, np.asarray(keys).tolist(), int(position), int(has_gauss),
+                      float(cached)],
+            "python": [version, list(internal), gauss]}
 
 
-def rng_state(record: list) -> tuple:
-    kind, keys, position, has_gauss, cached = record
-    return kind, np.asarray(keys, np.uint32), position, has_gauss, cached
+def set_random_states(states: dict[str, list]) -> None:
+    """Restores what `random_states()` returned."""
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, np.uint32), position, has_gauss, cached))
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
 
 
-def resume_record(snapshot, batches_done: int, rng: tuple) -> dict[str, Any]:
+@contextlib.contextmanager
+def preserving_random_states():
+    """Leaves the global random states as they were: building a model draws seeds from
+    Python's `random` (Keras's `make_default_seed`), which also orders a PyDataset's batches."""
+    states = random_states()
+    try:
+        yield
+    finally:
+        set_random_states(states)
+
+
+def resume_record(snapshot, batches_done: int, rng: dict[str, list]) -> dict[str, Any]:
     """What resuming needs besides the model file: small, so it goes into the sidecar.
 
-    `rng` is NumPy's global random state at the start of the epoch the
-    resumed `fit` starts with (Keras's JAX and NumPy data adapters shuffle
-    arrays with it); `metrics` the running totals of the compiled metrics
-    (for a checkpoint inside an epoch); `seeds` the seed generators' states.
+    `rng` holds the global random states (`random_states()`) at the start of
+    the epoch the resumed `fit` starts with; `metrics` the running totals of
+    the compiled metrics (for a checkpoint inside an epoch); `seeds` the seed
+    generators' states.
     """
     return {
-        "rng": rng_to_record(rng),
+        "rng": rng,
         "metrics": arrays_to_record(snapshot.extra["metrics"]) if batches_done else None,
         "seeds": arrays_to_record(snapshot.extra["seeds"]),
     }

@@ -86,34 +86,23 @@ class CheckpointWriter:
         self.weights_only = weights_only
         self.template_model = template_model
         self.owner = owner
-        self._recipe: tuple[dict, dict | None] | None = None
         self._model: keras.Model | None = None
         self._layout: tuple[tuple, _keras_format.Layout | None, list[int] | None] | None = None
         self._warned = False
 
-    def set_recipe(self, model_config: dict, compile_config: dict | None) -> None:
-        """What the layout model is built from (taken on the training thread, at the first save)."""
-        self._recipe = (model_config, compile_config)
-        self._model = self._layout = None
-
-    def reset_recipe(self) -> None:
-        """Forgets the layout model (each `fit` takes a new recipe at its first save)."""
-        self._recipe = None
-
-    @property
-    def ready(self) -> bool:
-        return self._recipe is not None
+    def prepare(self, model_config: dict, compile_config: dict | None) -> None:
+        """Builds the layout model: a single-device copy of the template, compiled like the
+        trained model. On the training thread, at train begin: building a model draws
+        seeds from Python's global `random` (see `_resume.preserving_random_states`)."""
+        model = distribute.single_device_copy(model_config)
+        if compile_config is not None:
+            model.compile_from_config(compile_config)
+        self._model, self._layout = model, None
 
     # -- the layout model ---------------------------------------------------------
 
     def _layout_model(self, trainable: list[bool]) -> keras.Model:
-        """The single-device copy of the template, trainable like the trained model now."""
-        if self._model is None:
-            model_config, compile_config = self._recipe
-            model = distribute.single_device_copy(model_config)
-            if compile_config is not None:
-                model.compile_from_config(compile_config)
-            self._model = model
+        """The layout model, trainable like the trained model now."""
         if trainable != _optimizers.trainable_flags(self._model):
             _optimizers.apply_trainable_flags(self._model, trainable)
         return self._model

@@ -271,11 +271,16 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
                 )
             except ValueError as error:
                 raise ValueError(f"Invalid value for argument template_model: {error}") from None
-        self._job_writer.reset_recipe()
         self._to_refresh = None
         self._logs: dict[str, Any] = {}
         self.preemption_save_seconds: float | None = None
         if distribute.is_chief():
+            with _resume.preserving_random_states():
+                optimizer = getattr(self.model, "optimizer", None)
+                self._job_writer.prepare(
+                    keras.saving.serialize_keras_object(self.template_model or self.model),
+                    self.model.get_compile_config() if optimizer is not None else None,
+                )
             self._storage.check_writable(self.directory)
             _storage.remove_leftovers(self._storage, self.directory, self._is_ours)
             # Deletions the interrupted run decided but may not have done.
@@ -293,13 +298,15 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
-        self._epoch_rng = np.random.get_state()
         model = self.model
         optimizer = getattr(model, "optimizer", None)
         self._epoch_start_step = (
             int(keras.ops.convert_to_numpy(optimizer.iterations)) if optimizer is not None else 0)
         if self._resume_at is not None and self._resume_at["epoch"] == epoch:
             self._continue_epoch(model, self._resume_at)
+        # Keras's data adapters shuffle with these after this hook: a checkpoint
+        # inside this epoch records them, so a resume reads its batches in order.
+        self._epoch_rng = _resume.random_states()
         self._refresh_states()
 
     def on_train_batch_begin(self, batch, logs=None):
@@ -314,19 +321,21 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
     def _continue_epoch(self, model: keras.Model, resume_at: dict[str, Any]) -> None:
         """At the start of a resumed epoch: the data order and running metrics of the interruption."""
         if resume_at.get("rng") is not None:
-            np.random.set_state(_resume.rng_state(resume_at["rng"]))
+            _resume.set_random_states(resume_at["rng"])
         if not resume_at["batches_done"]:
             self._resume_at = None
             return
+        # The optimizer counted the interrupted run's batches of this epoch already.
+        self._epoch_start_step -= resume_at["batches_done"]
         for variable, value in zip(model.metrics_variables, resume_at.get("metrics", [])):
             variable.assign(value)
 
     def _on_train_batch_end(self, batch, logs=None):
         self._logs = logs or {}
         resume_at = self._resume_at
-        if resume_at is not None and batch < resume_at["batches_done"]:
-            return  # a batch of the interrupted run, skipped
-        if resume_at is not None:
+        if resume_at is not None and resume_at["epoch"] == self._epoch:
+            if batch < resume_at["batches_done"]:
+                return  # a batch of the interrupted run, skipped
             self._resume_at = None
         preempted = self._flag.received is not None
         if self._batch_hook_async_safe and distribute.num_workers() == 1:
@@ -365,6 +374,7 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
             self.model.stop_evaluating = True  # no validation of an epoch cut short
 
     def on_epoch_end(self, epoch, logs=None):
+        self._resume_at = None  # a resumed epoch ends here at the latest
         if self.preempted:
             if self._pending_preemption_save():
                 self._save_on_preemption(self._logs, None)
@@ -518,12 +528,7 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
             return waited
         record["trainable"] = snapshot.trainable
         record["resume"] = _resume.resume_record(
-            snapshot, done, self._epoch_rng if done else np.random.get_state())
-        if not self._job_writer.ready:
-            self._job_writer.set_recipe(
-                keras.saving.serialize_keras_object(self.template_model or model),
-                model.get_compile_config() if optimizer is not None else None,
-            )
+            snapshot, done, self._epoch_rng if done else _resume.random_states())
         siblings = callbacks_of(model)  # all registered by now, none gone yet
         record["callbacks"], arrays, files = self._sibling_states(siblings)
         if entry is not None:

@@ -37,7 +37,9 @@ class HDF5Sequence(keras.utils.PyDataset):
     Shuffling changes the order of batches every epoch and the order of rows
     within each batch, while each batch is still one contiguous slice of the
     file: fast on chunked and compressed files, where reading rows in random
-    order would decompress a chunk per row.
+    order would decompress a chunk per row. The order of an epoch depends only
+    on `seed` and the epoch's number, so `set_epoch(epoch)` (which `resume()`
+    calls) gives a resumed run the order the interrupted one had.
 
     Args:
         path: the HDF5 file.
@@ -55,7 +57,8 @@ class HDF5Sequence(keras.utils.PyDataset):
         stop: one past the last row used. Defaults to `None`: the end. With
             `start`, this splits one file into training and validation sets
             without copying.
-        seed: seed of the shuffling. Defaults to `None`: a random one.
+        seed: seed of the shuffling. Defaults to `None`: a random one (then a
+            resumed run in another process shuffles differently).
         **pydataset_kwargs: `workers`, `use_multiprocessing`,
             `max_queue_size` of `keras.utils.PyDataset`.
 
@@ -125,8 +128,8 @@ class HDF5Sequence(keras.utils.PyDataset):
                 f"Invalid row range start={start!r}, stop={stop!r} for {rows} rows in "
                 f"{self.path}: expected 0 <= start < stop <= {rows}."
             )
-        self._rng = np.random.default_rng(seed)
-        self._order = np.arange(len(self))
+        self.seed = int(np.random.SeedSequence().entropy % 2**63) if seed is None else int(seed)
+        self.epoch = 0
         self._new_epoch()
         self._file: h5py.File | None = None
         self._pid: int | None = None
@@ -139,11 +142,21 @@ class HDF5Sequence(keras.utils.PyDataset):
         return self.stop - self.start
 
     def _new_epoch(self) -> None:
-        self._epoch_seed = int(self._rng.integers(2**31))
-        if self.shuffle:
-            self._rng.shuffle(self._order)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self._epoch_seed = int(rng.integers(2**31))
+        self._order = rng.permutation(len(self)) if self.shuffle else np.arange(len(self))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Gives the next epoch the order of epoch `epoch` (counted from 0, as `fit` counts)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(
+                f"Invalid value for argument epoch. Expected an int >= 0. Received: epoch={epoch!r}"
+            )
+        self.epoch = epoch
+        self._new_epoch()
 
     def on_epoch_end(self) -> None:
+        self.epoch += 1
         self._new_epoch()
 
     def _handle(self) -> h5py.File:

@@ -62,6 +62,24 @@ def test_shuffle_changes_order_every_epoch_and_reads_contiguous_slices(h5_file):
     assert [b[0] // 10 for b in [epochs[0][i:i + 10] for i in range(0, 100, 10)]] != list(range(10))
 
 
+def test_order_of_an_epoch_depends_only_on_seed_and_epoch(h5_file):
+    """What resume() relies on: set_epoch(k) gives epoch k's order, in any process."""
+    path, _, _ = h5_file
+
+    def order(seq):
+        return [seq[i][0][0].tolist() for i in range(len(seq))]
+
+    trained = HDF5Sequence(path, y=None, batch_size=10, seed=3)
+    for _ in range(3):
+        trained.on_epoch_end()
+    resumed = HDF5Sequence(path, y=None, batch_size=10, seed=3)
+    resumed.set_epoch(3)
+    assert order(resumed) == order(trained) != order(HDF5Sequence(path, y=None, batch_size=10,
+                                                                    seed=3))
+    with pytest.raises(ValueError, match="Received: epoch=-1"):
+        resumed.set_epoch(-1)
+
+
 def test_start_stop_split_without_copying(h5_file):
     path, x, y = h5_file
     train = HDF5Sequence(path, batch_size=32, stop=80, shuffle=False)
