@@ -49,6 +49,7 @@ def test_public_api():
         assert hasattr(keras_callbacks_plus, name), name
 
 
+@pytest.mark.slow  # a fresh process that starts a backend
 def test_imports_and_trains_with_only_this_backend():
     result = subprocess.run(
         [sys.executable, "-c", _PROBE, OTHER_BACKEND_MODULE, "torch"],
