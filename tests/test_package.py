@@ -1,10 +1,12 @@
 """The package imports with one backend installed, and never imports PyTorch."""
 
+import os
 import subprocess
 import sys
 
 import keras
 import pytest
+from helpers import subprocess_env
 
 import keras_callbacks_plus
 
@@ -51,11 +53,14 @@ def test_public_api():
 
 @pytest.mark.slow  # a fresh process that starts a backend
 def test_imports_and_trains_with_only_this_backend():
+    # This checkout, wherever pytest runs from; the device flags of this process.
+    env = {**os.environ, "PYTHONPATH": subprocess_env()["PYTHONPATH"]}
     result = subprocess.run(
         [sys.executable, "-c", _PROBE, OTHER_BACKEND_MODULE, "torch"],
         capture_output=True,
         text=True,
         timeout=180,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == [keras_callbacks_plus.__version__, BACKEND]
