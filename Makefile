@@ -2,7 +2,13 @@
 # on both backends. It creates .venv/, installs the package with its test extra
 # at the tested versions (constraints/tested.txt), then runs pytest once with
 # KERAS_BACKEND=tensorflow and once with KERAS_BACKEND=jax. It fails if either
-# run fails.
+# run fails. CI (.ci/run) runs exactly this.
+#
+# `make test-fast`: the same environment and both backends, without the tests
+# marked `slow` (a fresh Python process: the demo, the benchmarks' quick runs,
+# the SIGKILL loop; or a long run) or `multiprocess` (two-worker jobs), that is
+# pytest -m "not slow and not multiprocess". For the edit-test loop (under
+# 3 minutes on 2 cores); `make test` still runs everything.
 #
 # `make demo`: the same environment, then the one-command demo
 # (`python -m keras_callbacks_plus demo --out runs/demo`) on DEMO_BACKEND
@@ -12,11 +18,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BACKENDS ?= tensorflow jax
 PYTEST_ARGS ?=
+FAST_MARKERS := not slow and not multiprocess
 DEMO_BACKEND ?= $(or $(KERAS_BACKEND),tensorflow)
 DEMO_OUT ?= runs/demo
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo venv clean
+.PHONY: test test-fast demo venv clean
 
 $(STAMP): setup.cfg pyproject.toml constraints/tested.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +33,21 @@ $(STAMP): setup.cfg pyproject.toml constraints/tested.txt
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# $(call pytest_each_backend,ARGS): pytest ARGS $(PYTEST_ARGS) once per backend; fails if any failed.
+define pytest_each_backend
 	@failed=""; \
 	for backend in $(BACKENDS); do \
 		echo "== KERAS_BACKEND=$$backend"; \
-		KERAS_BACKEND=$$backend $(VENV)/bin/python -m pytest $(PYTEST_ARGS) || failed="$$failed $$backend"; \
+		KERAS_BACKEND=$$backend $(VENV)/bin/python -m pytest $(1) $(PYTEST_ARGS) || failed="$$failed $$backend"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "== FAILED on:$$failed"; exit 1; fi
+endef
+
+test: $(STAMP)
+	$(call pytest_each_backend,)
+
+test-fast: $(STAMP)
+	$(call pytest_each_backend,-m "$(FAST_MARKERS)")
 
 demo: $(STAMP)
 	KERAS_BACKEND=$(DEMO_BACKEND) TF_CPP_MIN_LOG_LEVEL=2 $(VENV)/bin/python -m keras_callbacks_plus demo --out $(DEMO_OUT)

@@ -2,13 +2,17 @@
 
 The suite runs once per backend (`KERAS_BACKEND=tensorflow`, then `jax`). This
 file runs before keras is imported, so it can give each backend two CPU
-devices: two logical CPUs on TensorFlow, two host devices on JAX.
+devices: two logical CPUs on TensorFlow, two host devices on JAX (which also
+gets a compilation cache for this run).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +25,17 @@ if BACKEND == "jax":
     _flag = f"--xla_force_host_platform_device_count={NUM_TEST_DEVICES}"
     if _flag not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
+    import jax
+
+    # Most tests build the same tiny models, so XLA compiles the same programs
+    # again and again: a compilation cache shared by this run's tests only
+    # (a fresh folder, removed at exit) compiles each once. Every step is
+    # still traced and lowered, so the package's code runs as without it.
+    _cache = tempfile.mkdtemp(prefix="kcp-tests-xla-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", _cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 elif BACKEND == "tensorflow":
     import tensorflow as tf
 

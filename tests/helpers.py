@@ -1,5 +1,10 @@
 """Test helpers without side effects: a tiny model and data, a multi-process launcher.
 
+`launch_workers` starts a worker script in several processes;
+`assert_workers_succeeded` checks that every one exited cleanly and returns
+their JSON reports. `subprocess_env` is the environment of any child Python
+process that must import this checkout.
+
 Worker scripts in tests/workers import this module too, so it must not set up
 devices (conftest.py does that for the test process).
 """
@@ -7,7 +12,9 @@ devices (conftest.py does that for the test process).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -15,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import keras
 import numpy as np
@@ -56,18 +63,48 @@ def make_tiny_data(
     return x, y
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free TCP ports on 127.0.0.1."""
-    sockets = []
+def _ephemeral_port_range() -> tuple[int, int]:
     try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(v) for v in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports on 127.0.0.1 that were free a moment ago.
+
+    The ports come from below the kernel's ephemeral range: a port the kernel
+    picks there (a `bind` to port 0, any outgoing connection of any process on
+    the host) cannot take one of them between this check and the worker's own
+    `bind`. Only a process that binds a fixed port in this range could.
+    """
+    low, _ = _ephemeral_port_range()
+    candidates = list(range(max(1024, low - 12_000), low)) if low > 2048 else []
+    random.SystemRandom().shuffle(candidates)
+    ports: list[int] = []
+    for port in candidates:
+        if len(ports) == count:
+            break
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+    if len(ports) < count:  # no usable range: let the kernel choose
+        sockets = []
+        try:
+            for _ in range(count - len(ports)):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.bind(("127.0.0.1", 0))
+                sockets.append(s)
+            ports += [s.getsockname()[1] for s in sockets]
+        finally:
+            for s in sockets:
+                s.close()
+    return ports
 
 
 @dataclasses.dataclass
@@ -81,6 +118,53 @@ class WorkerResult:
     def last_line(self) -> str:
         lines = [line for line in self.stdout.splitlines() if line.strip()]
         return lines[-1] if lines else ""
+
+
+def subprocess_env(**overrides: str) -> dict[str, str]:
+    """The environment of a child Python process: this checkout importable, this backend.
+
+    Leaves out `XLA_FLAGS` and `TF_CONFIG`, so the child does not inherit the
+    two devices conftest.py forced on the test process; `overrides` come last.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TF_CONFIG")}
+    env.update(
+        KERAS_BACKEND=keras.backend.backend(),
+        PYTHONPATH=os.pathsep.join(
+            filter(None, [str(TESTS_DIR.parent), os.environ.get("PYTHONPATH")])
+        ),
+    )
+    env.update(overrides)
+    return env
+
+
+def assert_workers_succeeded(results: Sequence[WorkerResult]) -> list[dict[str, Any]]:
+    """Asserts every worker exited 0 in time; returns each one's report, in worker order.
+
+    A worker's report is the JSON object on the last non-empty line of its
+    stdout. On failure the message shows, for each failing worker, its exit
+    status, whether it was killed at the timeout, and the end of its stderr.
+    """
+    failed = [r for r in results if r.returncode != 0 or r.timed_out]
+    if failed:
+        raise AssertionError(
+            f"{len(failed)} of {len(results)} worker(s) failed:\n"
+            + "\n".join(
+                f"-- worker {r.index}: exit status {r.returncode}"
+                + (" (killed at the timeout)" if r.timed_out else "")
+                + f", stderr tail:\n{r.stderr[-3000:]}"
+                for r in failed
+            )
+        )
+    reports = []
+    for r in results:
+        try:
+            reports.append(json.loads(r.last_line()))
+        except json.JSONDecodeError:
+            raise AssertionError(
+                f"worker {r.index} exited 0 but its last line is not a JSON report: "
+                f"{r.last_line()!r}\nstdout tail:\n{r.stdout[-3000:]}"
+            ) from None
+    return reports
 
 
 def _kill_group(process: subprocess.Popen) -> None:
@@ -112,15 +196,7 @@ def launch_workers(
     if not script.is_absolute():
         script = WORKERS_DIR / script
     addresses = ",".join(f"127.0.0.1:{port}" for port in free_ports(num_workers))
-    base_env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TF_CONFIG")}
-    base_env.update(
-        KERAS_BACKEND=keras.backend.backend(),
-        KCP_WORKER_ADDRESSES=addresses,
-        PYTHONPATH=os.pathsep.join(
-            filter(None, [str(TESTS_DIR.parent), os.environ.get("PYTHONPATH")])
-        ),
-    )
-    base_env.update(env or {})
+    base_env = {**subprocess_env(KCP_WORKER_ADDRESSES=addresses), **(env or {})}
     with tempfile.TemporaryDirectory(prefix="kcp-workers-") as logs:
         processes, outputs = [], []
         try:

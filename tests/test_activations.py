@@ -10,6 +10,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
+from helpers import assert_workers_succeeded
 
 from keras_callbacks_plus import (
     _activation_log,
@@ -471,6 +472,7 @@ def test_second_fit_appends_a_new_run_and_resume_continues_one(tmp_path, tiny_mo
     np.testing.assert_array_equal(record["bin_edges"], state["bin_edges"]["test"]["relu"])
 
 
+@pytest.mark.slow  # fresh processes, one of which starts a backend
 def test_hdf5_is_readable_by_another_process_while_training(
     tmp_path, tiny_model, tiny_data, monkeypatch
 ):
@@ -543,6 +545,7 @@ def test_tensorboard_histograms(tmp_path, tiny_model, tiny_data):
     assert np.all(buckets[:, 1] >= buckets[:, 0])
 
 
+@pytest.mark.slow  # a fresh process that starts a backend
 @pytest.mark.skipif(BACKEND != "jax", reason="TensorFlow is the backend: it cannot be absent")
 def test_tensorboard_is_skipped_cleanly_without_tensorflow(tmp_path):
     script = """
@@ -600,6 +603,7 @@ def test_logger_on_a_data_parallel_twin(tmp_path, two_devices, tiny_model, tiny_
 # ------------------------------------------------------------- report, bench
 
 
+@pytest.mark.slow  # a plot (matplotlib), not the callback
 def test_report_png_from_the_command_line(tmp_path, tiny_model, tiny_data):
     pytest.importorskip("matplotlib")
     from keras_callbacks_plus.__main__ import main
@@ -620,12 +624,11 @@ def test_report_png_from_the_command_line(tmp_path, tiny_model, tiny_data):
     assert main(["report", str(path), "--layers", "nothing*", "-o", str(output)]) == 2
 
 
+@pytest.mark.multiprocess
 def test_multi_worker_only_the_chief_writes_and_logs_agree(tmp_path, launch):
     path = tmp_path / "act.h5"
     results = launch("activations_multi_worker.py", 2, args=[str(path)], timeout=240)
-    for result in results:
-        assert result.returncode == 0 and not result.timed_out, result.stderr[-3000:]
-    reports = sorted((json.loads(r.last_line()) for r in results), key=lambda r: r["index"])
+    reports = sorted(assert_workers_succeeded(results), key=lambda r: r["index"])
     assert [r["is_chief"] for r in reports] == [True, False]
     assert reports[0]["logs"] == reports[1]["logs"]
     assert len(reports[0]["logs"]["act_train/relu/zero_frac"]) == 2

@@ -10,7 +10,13 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from helpers import WORKERS_DIR, build_tiny_model, make_tiny_data
+from helpers import (
+    WORKERS_DIR,
+    assert_workers_succeeded,
+    build_tiny_model,
+    make_tiny_data,
+    subprocess_env,
+)
 
 from keras_callbacks_plus import ParallelModelCheckpoint, _storage, data_parallel, distribute, resume
 from keras_callbacks_plus._base import PlusCallback
@@ -85,6 +91,7 @@ def test_epoch_saves_keep_keras_async_batch_dispatch(tmp_path):
 # -- what is saved -----------------------------------------------------------------
 
 
+@pytest.mark.slow  # a fresh process that starts a backend to load the file
 def test_twin_saves_its_template_which_loads_on_one_device(tmp_path, two_devices, tiny_data, launch):
     x, y = tiny_data
     template = build_tiny_model(batch_norm=True)
@@ -101,9 +108,9 @@ def test_twin_saves_its_template_which_loads_on_one_device(tmp_path, two_devices
     np.testing.assert_allclose(loaded.predict(x[:64], verbose=0), expected, atol=1e-6)
 
     # A fresh process with one CPU device and no strategy loads it (safe mode).
-    [result] = launch("checkpoint_train.py", num_workers=1, args=["load", str(tmp_path / "model.keras")])
-    assert result.returncode == 0, result.stderr[-3000:]
-    np.testing.assert_allclose(json.loads(result.last_line())["predictions"], expected, atol=1e-6)
+    [report] = assert_workers_succeeded(
+        launch("checkpoint_train.py", num_workers=1, args=["load", str(tmp_path / "model.keras")]))
+    np.testing.assert_allclose(report["predictions"], expected, atol=1e-6)
 
 
 def test_weights_only_and_format_keys(tmp_path, tiny_data):
@@ -289,14 +296,14 @@ CRASH_POINTS = [
 ]
 
 
+@pytest.mark.slow
 def test_sigkill_inside_a_write_always_leaves_a_loadable_checkpoint(tmp_path):
     """Each run of the worker is killed at a chosen point of a save, in the same folder."""
-    env = {**os.environ, "PYTHONPATH": str(WORKERS_DIR.parent.parent)}
-    env.pop("XLA_FLAGS", None)
     for point, torn in CRASH_POINTS:
         result = subprocess.run(
             [sys.executable, str(WORKERS_DIR / "checkpoint_train.py"), "crash", str(tmp_path)],
-            env={**env, "KCP_TEST_CRASH_AT": point}, capture_output=True, text=True, timeout=180,
+            env=subprocess_env(KCP_TEST_CRASH_AT=point), capture_output=True, text=True,
+            timeout=180,
         )
         assert result.returncode == -signal.SIGKILL, (point, result.stderr[-3000:])
         leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(_storage.TMP_PREFIX)]
@@ -309,12 +316,11 @@ def test_sigkill_inside_a_write_always_leaves_a_loadable_checkpoint(tmp_path):
         assert resume(resumed, tmp_path) == record["epoch"], point
 
 
+@pytest.mark.multiprocess
 def test_two_workers_one_writer_identical_results(tmp_path, launch):
     results = launch("checkpoint_train.py",
                      num_workers=2, args=["multi", str(tmp_path)], timeout=240)
-    for r in results:
-        assert r.returncode == 0 and not r.timed_out, f"worker {r.index}:\n{r.stderr[-3000:]}"
-    reports = [json.loads(r.last_line()) for r in results]
+    reports = assert_workers_succeeded(results)
     assert [r["is_chief"] for r in reports] == [True, False]
     assert reports[0]["writes"] > 0 and reports[1]["writes"] == 0
     assert _files_in(tmp_path) == [

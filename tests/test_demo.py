@@ -1,30 +1,28 @@
 """Tests of the one-command demo (`python -m keras_callbacks_plus demo`), on both backends."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import keras
 import pytest
-from helpers import TESTS_DIR
+from helpers import subprocess_env
 
 from keras_callbacks_plus import distribute, read_activation_log
 from keras_callbacks_plus.demo import TASK_B, run_demo
 
 
+@pytest.mark.slow
 def test_demo_command_fine_tunes_a_model_that_really_learns(tmp_path):
     out = tmp_path / "demo"
     # A fresh process, as a user runs it: the command splits the CPU itself.
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TF_CONFIG")}
-    env.update(
-        KERAS_BACKEND=keras.backend.backend(),
-        PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS_DIR.parent), env.get("PYTHONPATH")])),
-    )
+    # Without the default 120 s budget: on a slow host it would end the
+    # fine-tuning early, and the stages and the accuracy checked here would
+    # depend on the host's speed.
     result = subprocess.run(
-        [sys.executable, "-m", "keras_callbacks_plus", "demo", "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "keras_callbacks_plus", "demo", "--out", str(out),
+         "--max-time", "1e9"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -45,7 +43,7 @@ def test_demo_command_fine_tunes_a_model_that_really_learns(tmp_path):
     assert all(s["epoch"] < summary["epochs_run"] for s in stages)
 
     # Early stopping and checkpoint agree on the best epoch.
-    assert summary["stop_reason"] in (None, "patience", "max_time")
+    assert summary["stop_reason"] in (None, "patience")
     assert summary["epochs_run"] <= 12
     best_file = Path(summary["checkpoint"])
     assert best_file.is_file() and best_file.parent == out / "checkpoints"

@@ -5,6 +5,7 @@ import json
 import keras
 import numpy as np
 import pytest
+from helpers import assert_workers_succeeded
 
 from keras_callbacks_plus import _compat, distribute
 from keras_callbacks_plus.distribute import copy_weights, data_parallel
@@ -213,18 +214,17 @@ def test_single_process_roles(two_devices, tiny_model):
             assert (distribute.is_chief(), distribute.num_workers()) == (True, 1)
 
 
+@pytest.mark.slow  # a fresh process that starts a backend
 def test_two_twins_on_the_same_devices_in_a_fresh_process(launch):
     """One strategy per device set: a second twin must not break the first."""
-    [result] = launch("two_twins.py", num_workers=1, timeout=150)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.last_line()) == {"first": "ok", "second": "ok", "first_again": "ok"}
+    [report] = assert_workers_succeeded(launch("two_twins.py", num_workers=1, timeout=150))
+    assert report == {"first": "ok", "second": "ok", "first_again": "ok"}
 
 
+@pytest.mark.multiprocess
 def test_two_workers_train_identically(launch):
     results = launch("multi_worker_train.py", num_workers=2, timeout=240)
-    for r in results:
-        assert r.returncode == 0 and not r.timed_out, f"worker {r.index}:\n{r.stderr[-3000:]}"
-    reports = [json.loads(r.last_line()) for r in results]
+    reports = assert_workers_succeeded(results)
     assert [r["worker_index"] for r in reports] == [0, 1]
     assert [r["num_workers"] for r in reports] == [2, 2]
     assert sum(r["is_chief"] for r in reports) == 1 and reports[0]["is_chief"]

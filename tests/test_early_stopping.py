@@ -723,11 +723,12 @@ def test_twin_restore_reaches_every_replica(two_devices, tiny_model, tiny_data):
             np.testing.assert_array_equal(replica, expected)
 
 
+@pytest.mark.multiprocess
 def test_two_workers_stop_at_the_same_batch(launch):
+    from helpers import assert_workers_succeeded
+
     results = launch("early_stopping_multi_worker.py", num_workers=2, timeout=240)
-    for r in results:
-        assert r.returncode == 0 and not r.timed_out, f"worker {r.index}:\n{r.stderr[-3000:]}"
-    reports = [json.loads(r.last_line()) for r in results]
+    reports = assert_workers_succeeded(results)
     assert [r["num_workers"] for r in reports] == [2, 2]
     for r in reports:
         # Worker 1 spent its budget at its 18th batch (epoch 4, batch 1):

@@ -1,6 +1,7 @@
 """The package imports with one backend installed, never imports PyTorch, and keeps its layout."""
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import keras
 import pytest
+from helpers import subprocess_env
 
 import keras_callbacks_plus
 from keras_callbacks_plus import _compat, _lr_multipliers, distribute
@@ -53,12 +55,16 @@ def test_public_api():
         assert hasattr(keras_callbacks_plus, name), name
 
 
+@pytest.mark.slow  # a fresh process that starts a backend
 def test_imports_and_trains_with_only_this_backend():
+    # This checkout, wherever pytest runs from; the device flags of this process.
+    env = {**os.environ, "PYTHONPATH": subprocess_env()["PYTHONPATH"]}
     result = subprocess.run(
         [sys.executable, "-c", _PROBE, OTHER_BACKEND_MODULE, "torch"],
         capture_output=True,
         text=True,
         timeout=180,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == [keras_callbacks_plus.__version__, BACKEND]

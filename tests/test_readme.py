@@ -6,13 +6,13 @@ runs in two worker processes on 127.0.0.1, after the section's first block (the
 shared definitions); every other block runs here, in order, in one namespace.
 """
 
-import json
 import re
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
+from helpers import assert_workers_succeeded
 
 from keras_callbacks_plus import read_activation_log
 
@@ -51,6 +51,7 @@ def in_tmp_path(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.slow  # ~20 fits of a small CNN on 2 devices; each feature has its own fast test
 def test_migration_blocks_run_in_one_process(in_tmp_path):
     namespace = {"__name__": "__readme__"}
     for kind, code in _blocks():
@@ -77,16 +78,16 @@ def test_migration_blocks_run_in_one_process(in_tmp_path):
     ]
 
 
+@pytest.mark.multiprocess
 def test_multi_worker_block_runs_on_two_workers(tmp_path, launch):
     blocks = _blocks()
     definitions = blocks[0][1]
     [worker_code] = [code for kind, code in blocks if kind == "each worker"]
     code_file = tmp_path / "block.py"
     code_file.write_text(definitions + "\n" + worker_code)
-    results = launch("readme_block.py", num_workers=2, args=[str(code_file), str(tmp_path)])
-    for result in results:
-        assert result.returncode == 0, result.stderr[-3000:]
-    reports = [json.loads(r.last_line()) for r in results]
+    reports = assert_workers_succeeded(
+        launch("readme_block.py", num_workers=2, args=[str(code_file), str(tmp_path)])
+    )
     assert [r["is_chief"] for r in reports] == [True, False]
     assert all(r["num_workers"] == 2 for r in reports)
     assert reports[0]["digest"] == reports[1]["digest"]  # the same trained template everywhere

@@ -12,14 +12,12 @@ Weights and optimizer variables must equal the uninterrupted run's exactly.
 """
 
 import json
-import os
 import random
 import subprocess
 import sys
 
-import keras
 import pytest
-from helpers import WORKERS_DIR
+from helpers import WORKERS_DIR, subprocess_env
 
 SCRIPT = str(WORKERS_DIR / "resume_exact.py")
 KINDS = ("arrays", "shuffled", "hdf5")
@@ -42,8 +40,7 @@ def _finish(process, timeout=600):
 
 @pytest.mark.slow
 def test_interrupted_runs_resume_bit_identically(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(KERAS_BACKEND=keras.backend.backend(), PYTHONPATH=str(WORKERS_DIR.parent.parent))
+    env = subprocess_env()
     # The SIGKILL runs go beside the SIGTERM runs, on the other core: 3 epochs of 6 batches,
     # a checkpoint every 3, so the n-th save is at batch 3n.
     kills = {kind: random.Random(kind).randrange(1, 6) for kind in KINDS}

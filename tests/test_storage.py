@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from keras_callbacks_plus import _files, _storage
+from keras_callbacks_plus import _storage
 from keras_callbacks_plus._storage import (
     TMP_PREFIX,
     FileInfo,
@@ -237,7 +237,7 @@ def test_only_the_storage_modules_import_fsspec():
         "package = types.ModuleType('keras_callbacks_plus')\n"
         f"package.__path__ = [{str(PACKAGE_DIR)!r}]\n"
         "sys.modules['keras_callbacks_plus'] = package\n"
-        "from keras_callbacks_plus import _files, _storage, _storage_fsspec\n"
+        "from keras_callbacks_plus import _storage, _storage_fsspec\n"
         "_storage.open_storage('runs/m.keras')\n"
         "print(sorted(m for m in ('fsspec', 's3fs', 'gcsfs') if m in sys.modules))"
     )
@@ -445,7 +445,7 @@ def test_template_glob_matches_what_the_template_writes(template, matching, othe
     assert fnmatch.fnmatchcase(matching, glob) and not fnmatch.fnmatchcase(other, glob)
 
 
-# -- local specifics and the former _files API ---------------------------------------------
+# -- local specifics -----------------------------------------------------------------------
 
 
 def test_local_check_writable_names_the_path_and_the_reason(tmp_path):
@@ -464,20 +464,10 @@ def test_sidecars_of_earlier_versions_still_match(tmp_path):
     old = {"format": _storage.SIDECAR_FORMAT, "file": "m.keras", "save_index": 1,
            "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     (tmp_path / "m.keras.json").write_text(json.dumps(old))
-    assert _files.read_sidecar(path)["save_index"] == 1
-    assert _files.complete_checkpoints(tmp_path) == [(path, _files.read_sidecar(path))]
-
-
-def test_files_wrappers_use_the_same_commit(tmp_path):
-    target = tmp_path / "m.keras"
-    info = _files.write_atomic(target, lambda tmp: tmp.write_bytes(b"abc"))
-    assert info == FileInfo(3, target.stat().st_mtime_ns)
-    _files.write_sidecar(target, info, {"save_index": 1})
-    _files.link_atomic(target, tmp_path / "last.keras")
-    assert _files.temporary_path(target).name.startswith(TMP_PREFIX)
-    assert [p.name for p, _ in _files.complete_checkpoints(tmp_path)] == ["m.keras"]
-    _files.remove_checkpoint(target)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.keras"]
+    local = _storage.LocalStorage()
+    record = _storage.read_sidecar(local, str(path))
+    assert record["save_index"] == 1
+    assert _storage.complete_checkpoints(local, str(tmp_path)) == [(str(path), record)]
 
 
 # -- retries ---------------------------------------------------------------------------------

@@ -211,7 +211,10 @@ OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", [  # the fast tier keeps two of the optimizers
+    n if n in ("sgd_momentum", "adam") else pytest.param(n, marks=pytest.mark.slow)
+    for n in OPTIMIZERS
+])
 def test_stage_change_keeps_slots_bitwise_and_gives_fresh_ones(name):
     model = _compiled(OPTIMIZERS[name]())
     unfreeze = ProgressiveUnfreezing({0: "head", 2: "hidden"})
@@ -337,6 +340,7 @@ def test_two_device_twin_matches_one_device(two_devices):
         np.testing.assert_allclose(final[key], reference[key], rtol=1e-4, atol=1e-4, err_msg=key)
 
 
+@pytest.mark.slow  # builds and compiles MobileNetV3Small
 def test_keras_applications_backbone_by_path_pattern():
     keras.utils.set_random_seed(0)
     backbone = keras.applications.MobileNetV3Small(

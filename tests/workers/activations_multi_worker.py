@@ -5,22 +5,16 @@ chief may write it. With log_scalars, every worker must see the same values in
 its epoch logs. Prints one JSON line.
 """
 
-import json
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from _worker import join_workers, report
 
-from keras_callbacks_plus import distribute  # noqa: E402
-
-addresses = os.environ["KCP_WORKER_ADDRESSES"].split(",")
-index = int(os.environ["KCP_WORKER_INDEX"])
 # First thing in the program, before the backend computes anything.
-distribute.multi_worker_strategy(addresses, index)
+index = join_workers()
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from helpers import build_tiny_model, make_tiny_data  # noqa: E402
 
+from keras_callbacks_plus import distribute  # noqa: E402
 from keras_callbacks_plus.activations import ActivationLogger  # noqa: E402
 
 h5_path = sys.argv[1]
@@ -33,9 +27,9 @@ logger = ActivationLogger(probe, layers=["bn", "relu"], phases=("test", "train")
                           log_scalars=["zero_frac", "mean"])
 history = twin.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[logger])
 distribute.barrier()
-print(json.dumps({
-    "index": index,
-    "is_chief": distribute.is_chief(),
-    "logs": {k: [float(v) for v in values] for k, values in history.history.items()
-             if k.startswith("act")},
-}))
+report(
+    index=index,
+    is_chief=distribute.is_chief(),
+    logs={k: [float(v) for v in values] for k, values in history.history.items()
+          if k.startswith("act")},
+)

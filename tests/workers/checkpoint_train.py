@@ -8,32 +8,26 @@
 * `load FILE`: loads FILE on one CPU device, no strategy, prints predictions.
 """
 
-import json
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from _worker import join_workers, report
+
 mode, where = sys.argv[1], sys.argv[2]
 
-from keras_callbacks_plus import _storage, distribute  # noqa: E402
-
 if mode == "multi":
-    addresses = os.environ["KCP_WORKER_ADDRESSES"].split(",")
-    distribute.multi_worker_strategy(addresses, int(os.environ["KCP_WORKER_INDEX"]))
+    join_workers()
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from helpers import build_tiny_model, make_tiny_data  # noqa: E402
 
-from keras_callbacks_plus import ParallelModelCheckpoint  # noqa: E402
+from keras_callbacks_plus import ParallelModelCheckpoint, _storage, distribute  # noqa: E402
 
 x, y = make_tiny_data(64)
 
 if mode == "load":
     model = keras.saving.load_model(where)
-    print(json.dumps({"predictions": model.predict(x, verbose=0).tolist()}))
+    report(predictions=model.predict(x, verbose=0).tolist())
     sys.exit(0)
 
 writes = []
@@ -67,12 +61,8 @@ elif mode == "multi":
     )
     twin.fit(x, y, batch_size=16, epochs=3, shuffle=False, callbacks=[checkpoint], verbose=0)
     distribute.barrier()
-    print(
-        json.dumps(
-            {
-                "is_chief": distribute.is_chief(),
-                "writes": len(writes),
-                "predictions": template.predict(x, verbose=0).tolist(),
-            }
-        )
+    report(
+        is_chief=distribute.is_chief(),
+        writes=len(writes),
+        predictions=template.predict(x, verbose=0).tolist(),
     )

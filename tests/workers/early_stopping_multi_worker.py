@@ -7,26 +7,15 @@ Each worker has its own fake clock: worker 1's runs 1/16 s per batch, worker 0's
 same batch. Prints one JSON line.
 """
 
-import hashlib
-import json
-import os
-import sys
+from _worker import join_workers, report, weights_digest
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from keras_callbacks_plus import distribute  # noqa: E402
-
-addresses = os.environ["KCP_WORKER_ADDRESSES"].split(",")
-index = int(os.environ["KCP_WORKER_INDEX"])
-distribute.multi_worker_strategy(addresses, index)
+index = join_workers()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-
-from keras_callbacks_plus import early_stopping  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from helpers import build_tiny_model, make_tiny_data  # noqa: E402
+
+from keras_callbacks_plus import distribute, early_stopping  # noqa: E402
 
 SECONDS_PER_BATCH = 1 / 16 if index == 1 else 1 / 1000
 BUDGET = 1.125
@@ -58,20 +47,15 @@ history = twin.fit(
 )
 distribute.barrier()
 weights = twin.get_weights()
-digest = hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in weights)).hexdigest()
-print(
-    json.dumps(
-        {
-            "index": index,
-            "num_workers": distribute.num_workers(),
-            "stop_reason": stopper.stop_reason,
-            "stopped_epoch": stopper.stopped_epoch,
-            "stopped_batch": stopper.stopped_batch,
-            "batches": clock.batches,
-            "epochs": len(history.epoch),
-            "best_epoch": stopper.best_epoch,
-            "finite": bool(all(np.isfinite(w).all() for w in weights)),
-            "weights": digest,
-        }
-    )
+report(
+    index=index,
+    num_workers=distribute.num_workers(),
+    stop_reason=stopper.stop_reason,
+    stopped_epoch=stopper.stopped_epoch,
+    stopped_batch=stopper.stopped_batch,
+    batches=clock.batches,
+    epochs=len(history.epoch),
+    best_epoch=stopper.best_epoch,
+    finite=bool(all(np.isfinite(w).all() for w in weights)),
+    weights=weights_digest(weights),
 )

@@ -4,29 +4,19 @@ Reads KCP_WORKER_ADDRESSES and KCP_WORKER_INDEX, trains the tiny model on this
 worker's own data shard through `data_parallel`, and prints one JSON line.
 """
 
-import hashlib
-import json
-import os
-import sys
+from _worker import join_workers, report, weights_digest
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# First thing in the program, before the backend computes anything.
+index = join_workers()
+
+import numpy as np  # noqa: E402
+from helpers import build_tiny_model, make_tiny_data  # noqa: E402
 
 from keras_callbacks_plus import distribute  # noqa: E402
 
-addresses = os.environ["KCP_WORKER_ADDRESSES"].split(",")
-index = int(os.environ["KCP_WORKER_INDEX"])
-# First thing in the program, before the backend computes anything.
-distribute.multi_worker_strategy(addresses, index)
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from helpers import build_tiny_model, make_tiny_data  # noqa: E402
-
 
 def digest(model):
-    return hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in model.get_weights())).hexdigest()
+    return weights_digest(model.get_weights())
 
 
 template = build_tiny_model(batch_norm=True, seed=0)
@@ -46,20 +36,16 @@ distribute.barrier()
 distribute.copy_weights(twin, template)
 distribute.barrier()
 votes = [distribute.any_worker(index == 1), distribute.any_worker(False)]
-print(
-    json.dumps(
-        {
-            "index": index,
-            "is_chief": distribute.is_chief(),
-            "worker_index": distribute.worker_index(),
-            "num_workers": distribute.num_workers(),
-            "initial": initial,
-            "start": start,
-            "broadcast": [b.tolist() for b in broadcast],
-            "broadcast_dtypes": [str(b.dtype) for b in broadcast],
-            "final": digest(template),
-            "any_worker": votes,
-            "loss": [float(v) for v in history.history["loss"]],
-        }
-    )
+report(
+    index=index,
+    is_chief=distribute.is_chief(),
+    worker_index=distribute.worker_index(),
+    num_workers=distribute.num_workers(),
+    initial=initial,
+    start=start,
+    broadcast=[b.tolist() for b in broadcast],
+    broadcast_dtypes=[str(b.dtype) for b in broadcast],
+    final=digest(template),
+    any_worker=votes,
+    loss=[float(v) for v in history.history["loss"]],
 )
