@@ -106,8 +106,10 @@ def rebuild_optimizer(
     old = model.optimizer
     if old is None:
         raise ValueError(f"Model {model.name!r} is not compiled: it has no optimizer to rebuild.")
-    new = make(old) if make is not None else old.__class__.from_config(old.get_config())
+    # Made in the twin's scope too: on TensorFlow an optimizer belongs to the
+    # strategy it is created under (resume() calls this outside fit).
     with _base.distribution_scope(model):
+        new = make(old) if make is not None else old.__class__.from_config(old.get_config())
         new.build(model.trainable_variables)
     if old.built:
         copy_optimizer_state(old, new)
