@@ -33,6 +33,17 @@ __all__ = ["Keep", "ParallelModelCheckpoint", "resume"]
 _OWNER = "ParallelModelCheckpoint"
 
 
+def _numbers(logs: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric scalars of `logs`, as floats (what a sidecar records)."""
+    found = {}
+    for key, value in logs.items():
+        try:
+            found[key] = float(np.asarray(value).reshape(()))
+        except (TypeError, ValueError):
+            continue
+    return found
+
+
 def _clock() -> float:
     """Seconds on a monotonic clock (a module function so tests can replace it)."""
     return time.monotonic()
@@ -498,7 +509,7 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
             "monitor": self.monitor,
             "value": value,
             "best": self.best,
-            "logs": {k: float(v) for k, v in logs.items() if np.ndim(v) == 0},
+            "logs": _numbers(logs),
             "save_index": self._save_index,
             "saved_at": time.time(),
             "preemption": preemption,

@@ -154,3 +154,70 @@ def test_large_member_offsets_and_crc_are_right(tmp_path):
         info = archive.getinfo("model.weights.h5")
         assert info.compress_type == zipfile.ZIP_STORED and info.file_size > 4 * 512 * 2048
         assert archive.testzip() is None  # reads every member and checks its CRC
+
+
+# -- through ParallelModelCheckpoint: the direct write equals Model.save of the same state ------
+
+
+def _save_fast_and_full(model, fast, full, monkeypatch, template=None):
+    """Two saves of the same state by one ParallelModelCheckpoint: the direct write, then
+    (as on a Keras version it was not tested on) `Model.save` of the same layout model."""
+    from keras_callbacks_plus import ParallelModelCheckpoint, _compat
+
+    checkpoint = ParallelModelCheckpoint(str(fast.parent / "{name}.keras"),
+                                         template_model=template, async_save=False)
+    checkpoint.set_model(model)
+    checkpoint.on_train_begin()
+    checkpoint.on_epoch_begin(0)
+    checkpoint.on_epoch_end(0, {"name": fast.stem})
+    monkeypatch.setattr(_compat, "saving_layout_supported", lambda: False)
+    checkpoint._job_writer._layout = None  # learnt again: now as a full save
+    with pytest.warns(UserWarning, match=r"writes checkpoints with Model\.save.*Keras 3\.15\.1 "
+                                         r"is not among the versions"):
+        checkpoint.on_epoch_end(0, {"name": full.stem})
+    checkpoint.on_train_end()
+
+
+def _stage_changed():
+    from keras_callbacks_plus import ProgressiveUnfreezing
+
+    keras.utils.set_random_seed(0)
+    model = functional()
+    model.compile(optimizer="adam", loss="mse")
+    rng = np.random.default_rng(0)
+    x, y = rng.random((16, 6), dtype="float32"), rng.random((16, 3), dtype="float32")
+    # Stage 0 trains the head only, stage 1 (epoch 1) "hidden" too, "bn" stays frozen: the
+    # optimizer was rebuilt over a trainable set that is neither the first nor all.
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0,
+              callbacks=[ProgressiveUnfreezing({0: "head", 1: "hidden"})])
+    assert not model.get_layer("bn").trainable
+    return model
+
+
+@pytest.mark.parametrize("kind", [*MODELS, "unfreezing_stage"])
+def test_checkpoint_writes_what_model_save_writes(tmp_path, monkeypatch, kind):
+    model = _stage_changed() if kind == "unfreezing_stage" else _trained(MODELS[kind])
+    fast, full = tmp_path / "fast.keras", tmp_path / "full.keras"
+    _save_fast_and_full(model, fast, full, monkeypatch)
+    assert _archive(fast) == _archive(full)
+    loaded = keras.saving.load_model(fast)  # safe mode, one device, no distribution
+    x = np.random.default_rng(1).random((4, 6), dtype="float32")
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_a_twins_checkpoint_is_its_templates_file(tmp_path, monkeypatch, two_devices):
+    from keras_callbacks_plus import data_parallel
+
+    keras.utils.set_random_seed(0)
+    template = functional()
+    twin = data_parallel(template, devices=two_devices)
+    twin.compile(optimizer="adam", loss="mse")
+    rng = np.random.default_rng(0)
+    twin.fit(rng.random((16, 6), dtype="float32"), rng.random((16, 3), dtype="float32"),
+             batch_size=8, epochs=1, verbose=0)
+    fast, full = tmp_path / "fast.keras", tmp_path / "full.keras"
+    _save_fast_and_full(twin, fast, full, monkeypatch, template=template)
+    assert _archive(fast) == _archive(full)
+    loaded = keras.saving.load_model(fast)
+    x = np.random.default_rng(1).random((4, 6), dtype="float32")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), twin.predict(x, verbose=0), atol=1e-6)
