@@ -84,3 +84,13 @@ def two_devices() -> list[str]:
 def launch() -> Callable[..., list[WorkerResult]]:
     """The multi-process launcher (see `launch_workers`)."""
     return launch_workers
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """Port of a moto S3 server on 127.0.0.1 with the bucket `kcp-test`; stopped at the end."""
+    from helpers import create_bucket, moto_s3_server
+
+    with moto_s3_server() as (_, port):
+        create_bucket(port, "kcp-test")
+        yield port

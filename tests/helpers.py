@@ -11,8 +11,10 @@ devices (conftest.py does that for the test process).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import random
 import signal
@@ -237,3 +239,54 @@ def launch_workers(
         return results
 
 
+
+
+# -- S3: moto's server on 127.0.0.1 --------------------------------------------------------------
+
+
+def s3_options(port: int, **extra) -> dict:
+    """s3fs `storage_options` for the moto server on `port` (dummy credentials)."""
+    return {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"},
+        **extra,
+    }
+
+
+@contextlib.contextmanager
+def moto_s3_server():
+    """Starts moto's S3 server on 127.0.0.1 on a free port; yields `(server, port)`; stops it.
+
+    Sets dummy credentials meanwhile and turns off the EC2 metadata lookup:
+    nothing may leave 127.0.0.1. Skips the test without s3fs / moto.
+    """
+    import pytest
+
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                            ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")]:
+            patch.setenv(name, value)
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        try:
+            yield server, port
+        finally:
+            with contextlib.suppress(Exception):  # a test may have stopped it already
+                server.stop()
+
+
+def create_bucket(port: int, bucket: str):
+    """Creates `bucket` on the moto server; returns a storage of it."""
+    from keras_callbacks_plus import _storage
+
+    storage = _storage.open_storage(f"s3://{bucket}", s3_options(port))
+    # s3fs's mkdir sends a LocationConstraint, which us-east-1 refuses.
+    storage.fs.call_s3("create_bucket", Bucket=bucket)
+    return storage

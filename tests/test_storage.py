@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers import create_bucket, moto_s3_server, s3_options
 
 from keras_callbacks_plus import _storage
 from keras_callbacks_plus._storage import (
@@ -53,56 +54,6 @@ def fast_retries(monkeypatch):
 # -- S3: a moto server on 127.0.0.1 ------------------------------------------------------
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _s3_options(port, **extra):
-    return {
-        "key": "testing",
-        "secret": "testing",
-        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"},
-        **extra,
-    }
-
-
-@contextlib.contextmanager
-def _moto_server():
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    with pytest.MonkeyPatch.context() as patch:
-        # Credentials and region for anything that looks them up, and never
-        # the EC2 metadata service: nothing may leave 127.0.0.1.
-        for name, value in [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                            ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")]:
-            patch.setenv(name, value)
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-        port = _free_port()
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
-        try:
-            yield server, port
-        finally:
-            with contextlib.suppress(Exception):  # a test may have stopped it already
-                server.stop()
-
-
-def _create_bucket(port, bucket):
-    storage = open_storage(f"s3://{bucket}", _s3_options(port))
-    # s3fs's mkdir sends a LocationConstraint, which us-east-1 refuses.
-    storage.fs.call_s3("create_bucket", Bucket=bucket)
-    return storage
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    with _moto_server() as (server, port):
-        _create_bucket(port, "kcp-test")
-        yield port
-
-
 def _make_store(kind, tmp_path, request):
     if kind == "local":
         storage = open_storage(str(tmp_path / "run" / "m_{epoch}.keras"))
@@ -120,7 +71,7 @@ def _make_store(kind, tmp_path, request):
         return storage, f"{root}/run"
     port = request.getfixturevalue("s3_server")
     root = f"s3://kcp-test/{uuid.uuid4().hex[:8]}"
-    return open_storage(f"{root}/run/m_{{epoch}}.keras", _s3_options(port)), f"{root}/run"
+    return open_storage(f"{root}/run/m_{{epoch}}.keras", s3_options(port)), f"{root}/run"
 
 
 @pytest.fixture(params=["local", "memory", "s3"])
@@ -592,7 +543,7 @@ def test_check_writable_says_what_failed(error, reason, memory_store, monkeypatc
 @pytest.fixture
 def s3(s3_server):
     root = f"s3://kcp-test/{uuid.uuid4().hex[:8]}"
-    return open_storage(f"{root}/m.keras", _s3_options(s3_server)), root
+    return open_storage(f"{root}/m.keras", s3_options(s3_server)), root
 
 
 def test_s3_multi_mb_file_is_uploaded_in_parts(s3, tmp_path, monkeypatch):
@@ -616,7 +567,7 @@ def test_s3_listing_sees_what_another_client_wrote(s3, s3_server):
     path = storage.join(root, "m_1.keras")
     storage.write_bytes(storage.join(root, "m_0.keras"), b"zero")
     assert storage.list(root) == ["m_0.keras"]  # a listing s3fs caches
-    other = open_storage(root, _s3_options(s3_server, skip_instance_cache=True))
+    other = open_storage(root, s3_options(s3_server, skip_instance_cache=True))
     assert other.fs is not storage.fs
     write_sidecar(other, path, other.write_bytes(path, b"one"), {"save_index": 1})
     assert storage.list(root) == ["m_0.keras", "m_1.keras", "m_1.keras.json"]
@@ -626,7 +577,7 @@ def test_s3_listing_sees_what_another_client_wrote(s3, s3_server):
 
 
 def test_s3_check_writable_on_a_missing_bucket(s3_server):
-    storage = open_storage("s3://no-such-bucket/run/m.keras", _s3_options(s3_server), owner="ParallelModelCheckpoint")
+    storage = open_storage("s3://no-such-bucket/run/m.keras", s3_options(s3_server), owner="ParallelModelCheckpoint")
     with pytest.raises(PermissionError, match=r"ParallelModelCheckpoint cannot write to s3://no-such-bucket/run "
                                               r"\(from filepath=s3://no-such-bucket/run/m\.keras\).*"
                                               r"bucket or container 'no-such-bucket' does not exist"):
@@ -638,7 +589,7 @@ def test_s3_check_writable_without_credentials(s3_server, monkeypatch, tmp_path)
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    options = _s3_options(s3_server)
+    options = s3_options(s3_server)
     del options["key"], options["secret"]
     storage = open_storage("s3://kcp-test/run/m.keras", options)
     with pytest.raises(PermissionError, match=r"s3://kcp-test/run .*credentials are missing or invalid"):
@@ -650,10 +601,10 @@ def test_s3_server_gone_mid_run_fails_after_bounded_retries(monkeypatch, caplog)
 
     monkeypatch.setattr(_storage_fsspec, "RETRY_ATTEMPTS", 3)
     monkeypatch.setattr(_storage_fsspec, "RETRY_BASE_DELAY", 0.05)
-    with _moto_server() as (server, port):
-        _create_bucket(port, "gone")
+    with moto_s3_server() as (server, port):
+        create_bucket(port, "gone")
         # One attempt per request in botocore, so that only our retries count.
-        options = _s3_options(port, config_kwargs={"retries": {"total_max_attempts": 1}, "connect_timeout": 2})
+        options = s3_options(port, config_kwargs={"retries": {"total_max_attempts": 1}, "connect_timeout": 2})
         storage = open_storage("s3://gone/run/m.keras", options)
         storage.write_bytes("s3://gone/run/m_1.keras", b"saved")
         server.stop()
