@@ -16,7 +16,8 @@ class AsyncWriter:
 
     Args:
         name: the thread's name, for debugging.
-        enabled: False runs every job synchronously in `submit()`.
+        enabled: False runs every job synchronously in `submit()` (still on
+            a thread of its own: see `run_outside_scopes`).
     """
 
     def __init__(self, name: str = "keras_callbacks_plus-writer", enabled: bool = True):
@@ -29,7 +30,7 @@ class AsyncWriter:
         """Runs `job` in the background after the previous job finished."""
         self.wait_until_finished()
         if not self.enabled:
-            job()
+            run_outside_scopes(job)
             return
         self._thread = threading.Thread(target=self._run, args=(job,), name=self.name, daemon=True)
         self._thread.start()
@@ -61,3 +62,27 @@ class AsyncWriter:
         error, self._error = self._error, None
         if error is not None:
             raise error
+
+
+def run_outside_scopes(fn: Callable[[], None]) -> None:
+    """Runs `fn` on a new thread and waits for it; re-raises its failure here.
+
+    TensorFlow strategy scopes and Keras distribution scopes are thread-local:
+    a new thread has none, so models built there are plain single-device
+    models even while the caller trains a twin (in several processes, a
+    variable made in a scope would start a collective the other processes
+    never join).
+    """
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            fn()
+        except BaseException as error:  # handed back to the caller
+            errors.append(error)
+
+    thread = threading.Thread(target=run, name="keras_callbacks_plus-outside-scopes")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]

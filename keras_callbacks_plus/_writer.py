@@ -92,8 +92,8 @@ class CheckpointWriter:
 
     def prepare(self, model_config: dict, compile_config: dict | None) -> None:
         """Builds the layout model: a single-device copy of the template, compiled like the
-        trained model. On the training thread, at train begin: building a model draws
-        seeds from Python's global `random` (see `_resume.preserving_random_states`)."""
+        trained model. At train begin, while the training thread waits: building a model
+        draws seeds from Python's global `random` (see `_resume.preserving_random_states`)."""
         model = distribute.single_device_copy(model_config)
         if compile_config is not None:
             model.compile_from_config(compile_config)

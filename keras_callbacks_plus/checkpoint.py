@@ -20,7 +20,7 @@ import keras
 import numpy as np
 
 from keras_callbacks_plus import _resume, _storage, _writer, distribute
-from keras_callbacks_plus._async import AsyncWriter
+from keras_callbacks_plus._async import AsyncWriter, run_outside_scopes
 from keras_callbacks_plus._base import PlusCallback, callbacks_of, state_keys
 from keras_callbacks_plus._monitor import Monitor, MonitorOp
 from keras_callbacks_plus._preemption import SignalFlag, check_signals
@@ -286,12 +286,13 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
         self._logs: dict[str, Any] = {}
         self.preemption_save_seconds: float | None = None
         if distribute.is_chief():
+            optimizer = getattr(self.model, "optimizer", None)
+            recipe = (keras.saving.serialize_keras_object(self.template_model or self.model),
+                      self.model.get_compile_config() if optimizer is not None else None)
+            # Built while this thread waits: no other draws from the global random
+            # states meanwhile, and outside the twin's strategy or distribution.
             with _resume.preserving_random_states():
-                optimizer = getattr(self.model, "optimizer", None)
-                self._job_writer.prepare(
-                    keras.saving.serialize_keras_object(self.template_model or self.model),
-                    self.model.get_compile_config() if optimizer is not None else None,
-                )
+                run_outside_scopes(lambda: self._job_writer.prepare(*recipe))
             self._storage.check_writable(self.directory)
             _storage.remove_leftovers(self._storage, self.directory, self._is_ours)
             # Deletions the interrupted run decided but may not have done.
@@ -558,7 +559,7 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
             start = _clock()
             self._writer.wait_until_finished()
             waited += _clock() - start
-            written.extend(self._job_writer.write(job))
+            run_outside_scopes(lambda: written.extend(self._job_writer.write(job)))
         else:
             self._writer.submit(lambda: written.extend(self._job_writer.write(job)))
         if batch is None:

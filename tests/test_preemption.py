@@ -261,3 +261,23 @@ def test_resume_with_data_that_cannot_be_positioned_warns_and_starts_the_epoch_a
     with pytest.warns(UserWarning, match="cannot be positioned at a batch"):
         assert resume(_compiled(), tmp_path, callbacks=[checkpoint], data=batches()) == 1
     assert checkpoint._resume_at["batches_done"] == 0
+
+
+# -- several workers --------------------------------------------------------------------------
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("who", ["both", "one"])
+def test_a_signal_stops_every_worker_at_the_same_step(tmp_path, launch, who):
+    from helpers import assert_workers_succeeded
+
+    reports = assert_workers_succeeded(
+        launch("preempt_multi.py", num_workers=2, args=[str(tmp_path), who], timeout=300))
+    # Both stopped after batch 5 (the vote is in that batch end), both preempted...
+    assert [r["stops"][0] for r in reports] == [5, 5]
+    assert [r["preempted"] for r in reports] == [True, True]
+    # ...the chief wrote the one checkpoint of that step...
+    assert reports[0]["files"] == reports[1]["files"] == ["ck_2_1.keras", "ck_2_1.keras.json"]
+    # ...and both resumed and ended as the uninterrupted run did.
+    assert [r["stops"][1] for r in reports] == [r["reference_stop"] for r in reports] == [12, 12]
+    assert reports[0]["digest"] == reports[1]["digest"] == reports[0]["reference"]
