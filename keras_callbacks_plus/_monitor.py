@@ -13,6 +13,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from keras_callbacks_plus._validate import check_choice, check_number
+
 _MODES = ("auto", "min", "max")
 # Metric names (without "val_") that grow when the model gets better.
 _UP_NAMES = (
@@ -30,12 +32,7 @@ _UP_NAMES = (
 
 
 def check_mode(mode: str) -> str:
-    if mode not in _MODES:
-        raise ValueError(
-            "Invalid value for argument mode. Expected one of "
-            f"{', '.join(repr(m) for m in _MODES)}. Received: mode={mode!r}"
-        )
-    return mode
+    return check_choice("mode", mode, _MODES)
 
 
 class Monitor:
@@ -66,12 +63,7 @@ class Monitor:
     ):
         self.monitor = monitor
         self.mode = check_mode(mode)
-        if not isinstance(min_delta, (int, float)) or min_delta < 0 or math.isnan(min_delta):
-            raise ValueError(
-                "Invalid value for argument min_delta. Expected a number >= 0. "
-                f"Received: min_delta={min_delta!r}"
-            )
-        self.min_delta = float(min_delta)
+        self.min_delta = check_number("min_delta", min_delta, at_least=0.0)
         self.relative_delta = relative_delta
         self.owner = owner
         self.direction = mode if mode != "auto" else None

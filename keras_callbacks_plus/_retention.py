@@ -12,6 +12,8 @@ import math
 import re
 from typing import Any, Sequence
 
+from keras_callbacks_plus._validate import check_int
+
 _UNITS = {
     "s": 1.0, "sec": 1.0, "secs": 1.0, "second": 1.0, "seconds": 1.0,
     "m": 60.0, "min": 60.0, "mins": 60.0, "minute": 60.0, "minutes": 60.0,
@@ -72,17 +74,6 @@ class SaveFreq:
         return cls("seconds", seconds)
 
 
-def _count(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"Invalid value for argument {name} of Keep. Expected None or an int >= 1. "
-            f"Received: {name}={value!r}"
-        )
-    return value
-
-
 @dataclasses.dataclass(frozen=True)
 class Keep:
     """Which of its checkpoints ParallelModelCheckpoint keeps: the union of three rules.
@@ -115,7 +106,7 @@ class Keep:
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
-            _count(field.name, getattr(self, field.name))
+            check_int(field.name, getattr(self, field.name), 1, allow_none=True, of="Keep")
 
     @property
     def keeps_all(self) -> bool:

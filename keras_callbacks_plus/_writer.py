@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
-import os
 import re
 import warnings
 from typing import Any, Callable

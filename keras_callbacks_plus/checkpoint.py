@@ -26,6 +26,7 @@ from keras_callbacks_plus._monitor import Monitor, MonitorOp
 from keras_callbacks_plus._preemption import SignalFlag, check_signals
 from keras_callbacks_plus._retention import Keep, SaveFreq
 from keras_callbacks_plus._snapshot import Snapshotter
+from keras_callbacks_plus._validate import check_int, invalid
 from keras_callbacks_plus._resume import resume  # noqa: F401 (public here too)
 
 __all__ = ["Keep", "ParallelModelCheckpoint", "resume"]
@@ -187,15 +188,9 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
                 f"Received: template_model={template_model!r}"
             )
         self._save_freq = SaveFreq.parse(save_freq)
-        if max_to_keep is not None and not (
-            isinstance(max_to_keep, int) and not isinstance(max_to_keep, bool) and max_to_keep >= 1
-        ):
-            raise ValueError(
-                "Invalid value for argument max_to_keep. Expected None or an int "
-                f">= 1. Received: max_to_keep={max_to_keep!r}"
-            )
+        check_int("max_to_keep", max_to_keep, 1, allow_none=True)
         if keep is not None and not isinstance(keep, Keep):
-            raise ValueError(f"Invalid value for argument keep. Expected a Keep. Received: keep={keep!r}")
+            raise invalid("keep", "a Keep", keep)
         if keep is not None and max_to_keep is not None:
             raise ValueError(
                 "Arguments keep and max_to_keep cannot be used together: max_to_keep=N is "

@@ -10,6 +10,8 @@ import h5py
 import keras
 import numpy as np
 
+from keras_callbacks_plus._validate import check_int
+
 __all__ = ["HDF5Sequence"]
 
 
@@ -91,11 +93,7 @@ class HDF5Sequence(keras.utils.PyDataset):
         **pydataset_kwargs: Any,
     ):
         super().__init__(**pydataset_kwargs)
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(
-                "Invalid value for argument batch_size. Expected an int >= 1. "
-                f"Received: batch_size={batch_size!r}"
-            )
+        check_int("batch_size", batch_size, 1)
         self.path = os.fspath(path)
         self.x_keys, self.y_keys = _keys(x), _keys(y)
         if not self.x_keys:
@@ -148,11 +146,7 @@ class HDF5Sequence(keras.utils.PyDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Gives the next epoch the order of epoch `epoch` (counted from 0, as `fit` counts)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(
-                f"Invalid value for argument epoch. Expected an int >= 0. Received: epoch={epoch!r}"
-            )
-        self.epoch = epoch
+        self.epoch = check_int("epoch", epoch, 0)
         self._new_epoch()
 
     def on_epoch_end(self) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 from keras_callbacks_plus import distribute
 from keras_callbacks_plus._base import PlusCallback
 from keras_callbacks_plus._monitor import Monitor, MonitorOp
+from keras_callbacks_plus._validate import check_int, check_number, invalid, is_int
 
 logger = logging.getLogger(__name__)
 
@@ -46,42 +47,15 @@ def _clock() -> float:
     return time.monotonic()
 
 
-def _count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(
-            f"Invalid value for argument {name}. Expected an int >= 0. Received: {name}={value!r}"
-        )
-    return int(value)
-
-
-def _number(name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float, np.integer, np.floating))
-        or not math.isfinite(value)
-    ):
-        raise ValueError(
-            f"Invalid value for argument {name}. Expected a finite number or None. "
-            f"Received: {name}={value!r}"
-        )
-    return float(value)
-
-
 def _smoothing(value: Any) -> int | float | None:
     if value is None:
         return None
-    if not isinstance(value, bool):
-        if isinstance(value, (int, np.integer)) and value >= 1:
-            return int(value)
-        if isinstance(value, (float, np.floating)) and 0.0 < value < 1.0:
-            return float(value)
-    raise ValueError(
-        "Invalid value for argument smoothing. Expected None, an int >= 1 (mean of the "
-        "last N values) or a float in (0, 1) (weight of the newest value in an "
-        f"exponential moving average). Received: smoothing={value!r}"
-    )
+    if is_int(value, 1):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and 0.0 < value < 1.0:
+        return float(value)
+    raise invalid("smoothing", "None, an int >= 1 (mean of the last N values) or a float in "
+                  "(0, 1) (weight of the newest value in an exponential moving average)", value)
 
 
 class _Smoother:
@@ -246,20 +220,18 @@ class RobustEarlyStopping(MonitorOp, PlusCallback):
         self.mode = mode
         self.min_delta = self._monitor.min_delta
         self.relative_delta = relative_delta
-        self.patience = _count("patience", patience)
-        self.start_from_epoch = _count("start_from_epoch", start_from_epoch)
-        self.baseline = _number("baseline", baseline)
+        self.patience = check_int("patience", patience, 0)
+        self.start_from_epoch = check_int("start_from_epoch", start_from_epoch, 0)
+        self.baseline = check_number("baseline", baseline, allow_none=True)
         self.restore_best_weights = bool(restore_best_weights)
         self.smoothing = _smoothing(smoothing)
-        self.stopping_threshold = _number("stopping_threshold", stopping_threshold)
-        self.divergence_threshold = _number("divergence_threshold", divergence_threshold)
+        self.stopping_threshold = check_number("stopping_threshold", stopping_threshold,
+                                               allow_none=True)
+        self.divergence_threshold = check_number("divergence_threshold", divergence_threshold,
+                                                 allow_none=True)
         self.check_finite = bool(check_finite)
-        if max_time is not None and (_number("max_time", max_time) or 0.0) <= 0.0:
-            raise ValueError(
-                "Invalid value for argument max_time. Expected a number of seconds > 0 "
-                f"or None. Received: max_time={max_time!r}"
-            )
-        self.max_time = None if max_time is None else float(max_time)
+        self.max_time = check_number("max_time", max_time, above=0.0, allow_none=True,
+                                     expected="a number of seconds > 0 or None")
         self.reset_patience_on_unfreeze = bool(reset_patience_on_unfreeze)
         self.strict = bool(strict)
         if mode != "auto":

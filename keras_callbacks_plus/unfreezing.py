@@ -18,20 +18,15 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import math
 from typing import Any, Mapping, Sequence
 
 import keras
-import numpy as np
 
 from keras_callbacks_plus import _layers, _lr_multipliers, _optimizers
 from keras_callbacks_plus._base import PlusCallback, callbacks_of
+from keras_callbacks_plus._validate import check_bool, check_int, check_number, is_int
 
 _STATE_VERSION = 1
-
-
-def _is_int(value: Any, minimum: int) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= minimum
 
 
 def normalize_schedule(schedule: Any) -> dict[int, tuple[str, ...]]:
@@ -46,7 +41,7 @@ def normalize_schedule(schedule: Any) -> dict[int, tuple[str, ...]]:
         raise ValueError(f"{expected} at least one entry. Received: schedule={schedule!r}")
     result = {}
     for epoch, layers in schedule.items():
-        if not _is_int(epoch, 0):
+        if not is_int(epoch, 0):
             raise ValueError(
                 f"{expected} epochs that are ints >= 0. Received: schedule={schedule!r}"
             )
@@ -72,10 +67,7 @@ def gradual_schedule(
     groups: Sequence[str | Sequence[str]], every: int = 1
 ) -> dict[int, tuple[str, ...]]:
     """ULMFiT's order: `groups[0]` (the head) at epoch 0, one more group every `every` epochs."""
-    if not _is_int(every, 1):
-        raise ValueError(
-            f"Invalid value for argument every. Expected an int >= 1. Received: every={every!r}"
-        )
+    check_int("every", every, 1)
     if isinstance(groups, str) or not isinstance(groups, Sequence) or not groups:
         raise ValueError(
             "Invalid value for argument groups. Expected a non-empty list of layer groups, "
@@ -221,29 +213,10 @@ class ProgressiveUnfreezing(PlusCallback):
     ):
         super().__init__(verbose)
         self.schedule = normalize_schedule(schedule)
-        if not isinstance(train_bn, (bool, np.bool_)):
-            raise ValueError(
-                "Invalid value for argument train_bn. Expected a bool. "
-                f"Received: train_bn={train_bn!r}"
-            )
-        if group_lr_decay is not None and (
-            isinstance(group_lr_decay, bool)
-            or not isinstance(group_lr_decay, (int, float, np.integer, np.floating))
-            or not math.isfinite(group_lr_decay)
-            or group_lr_decay <= 0
-        ):
-            raise ValueError(
-                "Invalid value for argument group_lr_decay. Expected a number > 0. "
-                f"Received: group_lr_decay={group_lr_decay!r}"
-            )
-        if not _is_int(warmup_epochs, 0):
-            raise ValueError(
-                "Invalid value for argument warmup_epochs. Expected an int >= 0. "
-                f"Received: warmup_epochs={warmup_epochs!r}"
-            )
-        self.train_bn = bool(train_bn)
-        self.group_lr_decay = None if group_lr_decay is None else float(group_lr_decay)
-        self.warmup_epochs = int(warmup_epochs)
+        self.train_bn = check_bool("train_bn", train_bn)
+        self.group_lr_decay = check_number("group_lr_decay", group_lr_decay, above=0.0,
+                                           allow_none=True, expected="a number > 0")
+        self.warmup_epochs = check_int("warmup_epochs", warmup_epochs, 0)
         self.current_stage: int | None = None
         self.unfrozen_layers: list[str] = []
         self._starts = list(self.schedule)

@@ -1,7 +1,6 @@
 """Tests of ParallelModelCheckpoint and resume(), on both backends."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

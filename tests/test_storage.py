@@ -25,7 +25,6 @@ from helpers import create_bucket, moto_s3_server, s3_options
 from keras_callbacks_plus import _storage
 from keras_callbacks_plus._storage import (
     TMP_PREFIX,
-    FileInfo,
     LocalStorage,
     complete_checkpoints,
     open_storage,
