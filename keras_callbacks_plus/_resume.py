@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import keras
 import numpy as np
 
-from keras_callbacks_plus import _optimizers, _storage, _writer, distribute
+from keras_callbacks_plus import _commit, _optimizers, _storage, _writer, distribute
 from keras_callbacks_plus._base import distribution_scope, legacy_state_keys, state_keys
 
 logger = logging.getLogger(__name__)
@@ -153,14 +153,14 @@ def resume(
     if isinstance(storage, _storage.LocalStorage):
         path = os.path.abspath(path)
     if _storage.checkpoint_suffix(path) and storage.info(path) is not None:
-        record = _storage.read_sidecar(storage, path)
+        record = _commit.read_sidecar(storage, path)
         if record is None:
             raise FileNotFoundError(
                 f"{path} is not a complete checkpoint of keras_callbacks_plus "
-                f"(missing or mismatching sidecar {storage.name(_storage.sidecar_path(path))})."
+                f"(missing or mismatching sidecar {storage.name(_commit.sidecar_path(path))})."
             )
     else:
-        found = _storage.complete_checkpoints(storage, path)
+        found = _commit.complete_checkpoints(storage, path)
         if not found:
             raise FileNotFoundError(f"No complete checkpoint of keras_callbacks_plus in {path}.")
         path, record = found[-1]
@@ -247,3 +247,44 @@ def _load_callback_states(storage, directory: str, record: dict[str, Any],
         arrays = {name: _writer.load_npz(storage, storage.join(directory, file))
                   for name, file in files.items()}
         callback.set_state(state, arrays, local_directory)
+
+
+class ResumePoint:
+    """Where the next `fit` of a resumed ParallelModelCheckpoint continues.
+
+    `epoch` is the epoch the fit starts with; inside it, `batches_done`
+    batches were trained before the interruption: they are read and skipped
+    (`distribute.skip_batches`), the running metrics come back, and the
+    global random states of the epoch's start, so the data come in the
+    interrupted run's order.
+    """
+
+    def __init__(self, record: dict[str, Any], batches_done: int):
+        resume = record.get("resume") or {}
+        self.epoch = int(record.get("epoch", 0))
+        self.batches_done = batches_done
+        self.logs = dict(record.get("logs") or {})
+        self.rng = resume.get("rng")
+        self.metrics = arrays_from_record(resume.get("metrics"))
+        self._skipping = False
+
+    def begin_epoch(self, model: keras.Model, epoch: int) -> bool:
+        """At an epoch's start: restores that epoch's state; whether batches are to skip."""
+        if epoch != self.epoch:
+            return False
+        if self.rng is not None:
+            set_random_states(self.rng)
+        for variable, value in zip(model.metrics_variables, self.metrics if self.batches_done else []):
+            variable.assign(value)
+        return bool(self.batches_done)
+
+    def begin_batch(self, model: keras.Model) -> None:
+        """At the resumed epoch's first batch: the train function is final here (callbacks
+        may make a new one in their epoch-begin hooks), so the skipping starts now."""
+        if not self._skipping:
+            self._skipping = True
+            distribute.skip_batches(model, self.batches_done, self.logs)
+
+    def skips(self, epoch: int, batch: int) -> bool:
+        """Whether `batch` of `epoch` is one of the interrupted run's, skipped."""
+        return epoch == self.epoch and batch < self.batches_done

@@ -136,3 +136,46 @@ class Keep:
                         if entry.get("batch") is None and entry["epoch"]
                         and entry["epoch"] % self.every_n_epochs == 0)
         return [entry for i, entry in enumerate(saved) if i in keep]
+
+
+class Ledger:
+    """The files one ParallelModelCheckpoint wrote and keeps, as the policy decides.
+
+    Entries (oldest first) record each checkpoint kept and the state-array
+    files its sidecar refers to; `last_arrays` those of `last.keras`;
+    `doomed` what the latest save decided to delete (saved with it, so that a
+    run interrupted before deleting is finished by the next one); `written`
+    the state-array files already written (each is written once).
+    """
+
+    def __init__(self, keep: Keep):
+        self.keep = keep
+        self.entries: list[dict[str, Any]] = []
+        self.last_arrays: list[str] = []
+        self.written: set[str] = set()
+        self.doomed: tuple[list[str], list[str]] = ([], [])
+
+    def add(self, path: str, value: float | None, epoch: int, batch: int | None,
+            direction: str | None) -> tuple[list[str], dict[str, Any]]:
+        """Records a new checkpoint; returns the checkpoints the policy drops and its entry."""
+        self.entries = [e for e in self.entries if e["path"] != path]
+        entry = {"path": path, "value": value, "epoch": epoch, "batch": batch, "arrays": []}
+        self.entries.append(entry)
+        kept = self.keep.select(self.entries, direction)
+        doomed = [e["path"] for e in self.entries if e not in kept]
+        self.entries = kept
+        return doomed, entry
+
+    def referenced(self) -> set[str]:
+        """State-array files a kept checkpoint (or `last`) refers to."""
+        return {path for entry in self.entries for path in entry["arrays"]} | set(self.last_arrays)
+
+    def state(self) -> dict[str, Any]:
+        return {"kept": [dict(e) for e in self.entries], "last_arrays": list(self.last_arrays),
+                "doomed": list(self.doomed[0]), "doomed_arrays": list(self.doomed[1])}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.entries = [{"arrays": [], "batch": None, **e} for e in state.get("kept", [])]
+        self.last_arrays = list(state.get("last_arrays", []))
+        self.written = self.referenced()
+        self.doomed = ([], [])

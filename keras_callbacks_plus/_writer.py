@@ -27,7 +27,7 @@ from typing import Any, Callable
 import keras
 import numpy as np
 
-from keras_callbacks_plus import _compat, _keras_format, _optimizers, _storage, distribute
+from keras_callbacks_plus import _commit, _compat, _keras_format, _optimizers, _storage, distribute
 from keras_callbacks_plus._snapshot import Snapshot
 
 logger = logging.getLogger(__name__)
@@ -187,10 +187,10 @@ class CheckpointWriter:
             self.storage.write_with(path, lambda local, a=values: _save_npz(local, a))
         for path, info in written:
             _storage.crash_point("committed")
-            _storage.write_sidecar(self.storage, path, info, record)
+            _commit.write_sidecar(self.storage, path, info, record)
         _storage.crash_point("sidecar_written")
         for path in doomed:
-            _storage.remove_checkpoint(self.storage, path)
+            _commit.remove_checkpoint(self.storage, path)
         for path in doomed_arrays:
             self.storage.delete(path)
 

@@ -19,13 +19,12 @@ from typing import Any, Mapping, Sequence
 import keras
 import numpy as np
 
-from keras_callbacks_plus import _resume, _storage, _writer, distribute
-from keras_callbacks_plus._async import AsyncWriter, run_outside_scopes
-from keras_callbacks_plus._base import PlusCallback, callbacks_of, state_keys
+from keras_callbacks_plus import _commit, _resume, _storage, distribute
+from keras_callbacks_plus._base import PlusCallback, callbacks_of
 from keras_callbacks_plus._monitor import Monitor, MonitorOp
 from keras_callbacks_plus._preemption import SignalFlag, check_signals
-from keras_callbacks_plus._retention import Keep, SaveFreq
-from keras_callbacks_plus._snapshot import Snapshotter
+from keras_callbacks_plus._retention import Keep, Ledger, SaveFreq
+from keras_callbacks_plus._saver import Saver
 from keras_callbacks_plus._validate import check_int, invalid
 from keras_callbacks_plus._resume import resume  # noqa: F401 (public here too)
 
@@ -219,10 +218,8 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
         self.save_on_preemption = bool(save_on_preemption)
         self.strict = bool(strict)
         self._suffix = expected
-        self._writer = AsyncWriter("ParallelModelCheckpoint-writer", enabled=async_save)
-        self._job_writer = _writer.CheckpointWriter(self._storage, save_weights_only,
-                                                template_model, _OWNER)
-        self._snapshotter = Snapshotter()
+        self._saver = Saver(self._storage, save_weights_only, template_model, async_save, _OWNER)
+        self._writer, self._job_writer = self._saver.writer, self._saver.jobs
         self._flag = SignalFlag(self._signals, _OWNER)
         self._restored: dict[str, Any] | None = None
         self._resume_at: dict[str, Any] | None = None
@@ -238,10 +235,7 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
     def _reset(self) -> None:
         self.best: float | None = self.initial_value_threshold
         self.best_path: str | None = None
-        self._kept: list[dict[str, Any]] = []
-        self._last_arrays: list[str] = []
-        self._arrays_written: set[str] = set()
-        self._doomed: tuple[list[str], list[str]] = ([], [])
+        self._ledger = Ledger(self.keep)
         self._save_index = 0
         self._epoch = 0
         self._batches_seen = 0
@@ -277,22 +271,15 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
                 )
             except ValueError as error:
                 raise ValueError(f"Invalid value for argument template_model: {error}") from None
-        self._to_refresh = None
         self._logs: dict[str, Any] = {}
         self.preemption_save_seconds: float | None = None
         if distribute.is_chief():
-            optimizer = getattr(self.model, "optimizer", None)
-            recipe = (keras.saving.serialize_keras_object(self.template_model or self.model),
-                      self.model.get_compile_config() if optimizer is not None else None)
-            # Built while this thread waits: no other draws from the global random
-            # states meanwhile, and outside the twin's strategy or distribution.
-            with _resume.preserving_random_states():
-                run_outside_scopes(lambda: self._job_writer.prepare(*recipe))
+            self._saver.prepare(self.model)
             self._storage.check_writable(self.directory)
-            _storage.remove_leftovers(self._storage, self.directory, self._is_ours)
+            _commit.remove_leftovers(self._storage, self.directory, self._is_ours)
             # Deletions the interrupted run decided but may not have done.
             for path in restored.get("doomed", []):
-                _storage.remove_checkpoint(self._storage, path)
+                _commit.remove_checkpoint(self._storage, path)
             for path in restored.get("doomed_arrays", []):
                 self._storage.delete(path)
         self._last_save = _clock()
@@ -300,7 +287,7 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
 
     def _is_ours(self, name: str) -> bool:
         """Whether a file name is one this callback's `filepath` (or `last`) can give."""
-        pattern = _storage.template_glob(self._storage.name(self.filepath))
+        pattern = _commit.template_glob(self._storage.name(self.filepath))
         return fnmatch.fnmatchcase(name, pattern) or name == f"last{self._suffix}"
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -309,39 +296,25 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
         optimizer = getattr(model, "optimizer", None)
         self._epoch_start_step = (
             int(keras.ops.convert_to_numpy(optimizer.iterations)) if optimizer is not None else 0)
-        if self._resume_at is not None and self._resume_at["epoch"] == epoch:
-            self._continue_epoch(model, self._resume_at)
+        if self._resume_at is not None:
+            if self._resume_at.begin_epoch(model, epoch):
+                # The optimizer counted the interrupted run's batches of this epoch already.
+                self._epoch_start_step -= self._resume_at.batches_done
+            elif self._resume_at.epoch == epoch:
+                self._resume_at = None
         # Keras's data adapters shuffle with these after this hook: a checkpoint
         # inside this epoch records them, so a resume reads its batches in order.
         self._epoch_rng = _resume.random_states()
-        self._refresh_states()
+        self._saver.refresh_states(self.last_path)
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self._resume_at is not None and self._resume_at.get("skip_from") is None:
-            # The train function is final here (callbacks may make a new one
-            # in their epoch-begin hooks): the resumed epoch's first batches
-            # are read and skipped, not trained.
-            resume_at = self._resume_at
-            resume_at["skip_from"] = batch
-            distribute.skip_batches(self.model, resume_at["batches_done"], resume_at["logs"])
-
-    def _continue_epoch(self, model: keras.Model, resume_at: dict[str, Any]) -> None:
-        """At the start of a resumed epoch: the data order and running metrics of the interruption."""
-        if resume_at.get("rng") is not None:
-            _resume.set_random_states(resume_at["rng"])
-        if not resume_at["batches_done"]:
-            self._resume_at = None
-            return
-        # The optimizer counted the interrupted run's batches of this epoch already.
-        self._epoch_start_step -= resume_at["batches_done"]
-        for variable, value in zip(model.metrics_variables, resume_at.get("metrics", [])):
-            variable.assign(value)
+        if self._resume_at is not None and self._resume_at.epoch == self._epoch:
+            self._resume_at.begin_batch(self.model)
 
     def _on_train_batch_end(self, batch, logs=None):
         self._logs = logs or {}
-        resume_at = self._resume_at
-        if resume_at is not None and resume_at["epoch"] == self._epoch:
-            if batch < resume_at["batches_done"]:
+        if self._resume_at is not None and self._resume_at.epoch == self._epoch:
+            if self._resume_at.skips(self._epoch, batch):
                 return  # a batch of the interrupted run, skipped
             self._resume_at = None
         preempted = self._flag.received is not None
@@ -393,7 +366,7 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
         try:
             if self.preempted and self._pending_preemption_save():
                 self._save_on_preemption(self._logs, None)
-            self._refresh_states()
+            self._saver.refresh_states(self.last_path)
             self._writer.wait_until_finished()
         finally:
             self._flag.uninstall()
@@ -426,7 +399,7 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
         return self._absolute(self.filepath.format(**fields))
 
     def _save(self, logs: dict[str, Any], epoch: int, batch: int | None) -> None:
-        self._raise_writer_failure()
+        self._saver.raise_failure(_OWNER)
         target = self._format_path(logs, epoch, batch)
         value = None
         if self.save_best_only or self.keep.best is not None:
@@ -462,7 +435,7 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
     def _save_on_preemption(self, logs: dict[str, Any], batch: int | None) -> None:
         """Saves this exact step synchronously: the grace period after a signal is short."""
         start = _clock()
-        self._raise_writer_failure()
+        self._saver.raise_failure(_OWNER)
         if batch is None:  # noticed off the training thread: count what was trained
             batch = self._steps_this_epoch() - 1
         target = None if self.save_best_only else self._format_path(logs, self._epoch, batch,
@@ -482,18 +455,11 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
             + "; training stops."
         )
 
-    def _raise_writer_failure(self) -> None:
-        # A failure of the previous write surfaces here, on every worker.
-        if distribute.any_worker(self._writer.failed):
-            self._writer.wait_until_finished()
-            raise RuntimeError("ParallelModelCheckpoint: the chief's checkpoint writer failed.")
-
     def _submit(self, target: str | None, last: str | None, logs: dict[str, Any],
                 value: float | None, epoch: int, batch: int | None,
                 preemption: bool = False) -> float:
         """Snapshots the model and hands the write to the writer; returns seconds spent waiting."""
-        model = self.model
-        optimizer = getattr(model, "optimizer", None)
+        optimizer = getattr(self.model, "optimizer", None)
         step = int(keras.ops.convert_to_numpy(optimizer.iterations)) if optimizer is not None else None
         done = 0 if batch is None else batch + 1
         self._save_index += 1
@@ -512,56 +478,19 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
             "backend": keras.backend.backend(),
             "keras": keras.version(),
         }
-        kept_arrays_before = self._referenced_arrays()
-        doomed, entry = [], None
+        doomed, entry, arrays_before = [], None, self._ledger.referenced()
         if target is not None and target != self.last_path:
-            doomed, entry = self._keep_entry(target, value, record)
+            direction = self._monitor.direction if self.keep.best is not None else None
+            doomed, entry = self._ledger.add(target, value, record["epoch"], record["batch"],
+                                             direction)
         # In the sidecar's state: a resumed run deletes them if this one could not.
-        self._doomed = (doomed, [])
+        self._ledger.doomed = (doomed, [])
         self._last_save = _clock()
-        # A write in flight uses the reused host buffers: wait for it, unless
-        # the grace period after a signal is running (then spare buffers).
-        busy = preemption and self._writer.busy
-        waited = 0.0
-        if not busy:
-            start = _clock()
-            self._writer.wait_until_finished()
-            waited = _clock() - start
-        snapshot = self._snapshotter.take(model, with_optimizer=True, spare=busy)
-        if not distribute.is_chief():
-            # Every worker's template holds the trained weights; only the chief writes.
-            if self.template_model is not None:
-                self.template_model.set_weights(snapshot.weights)
-            return waited
-        record["trainable"] = snapshot.trainable
-        record["resume"] = _resume.resume_record(
-            snapshot, done, self._epoch_rng if done else _resume.random_states())
-        siblings = callbacks_of(model)  # all registered by now, none gone yet
-        record["callbacks"], arrays, files = self._sibling_states(siblings)
-        if entry is not None:
-            entry["arrays"] = files
-        if last is not None or target == self.last_path:
-            self._last_arrays = files
-        doomed_arrays = sorted(kept_arrays_before - self._referenced_arrays())
-        self._doomed = (doomed, doomed_arrays)
-        job = _writer.WriteJob(
-            target=target, last=last, snapshot=snapshot, record=record, arrays=arrays,
-            optimizer_config=(keras.saving.serialize_keras_object(optimizer)
-                              if optimizer is not None and not self.save_weights_only else None),
-            doomed=doomed, doomed_arrays=doomed_arrays)
-        written: list = []
-        if preemption:
-            start = _clock()
-            self._writer.wait_until_finished()
-            waited += _clock() - start
-            run_outside_scopes(lambda: written.extend(self._job_writer.write(job)))
-        else:
-            self._writer.submit(lambda: written.extend(self._job_writer.write(job)))
-        if batch is None:
-            # Callbacks listed after this one have not seen this epoch's end yet;
-            # their new states go into the sidecar at the next epoch or train end.
-            self._to_refresh = (written, record, siblings, entry)
-        return waited
+        return self._saver.save(
+            self.model, self._ledger, record, target=target, last=last,
+            writes_last=last is not None or target == self.last_path, directory=self.directory,
+            entry=entry, doomed=doomed, arrays_before=arrays_before, epoch_rng=self._epoch_rng,
+            preemption=preemption)
 
     def _steps_this_epoch(self) -> int:
         """Training steps of the current epoch so far, from the optimizer's count."""
@@ -570,70 +499,13 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
             return 0
         return int(keras.ops.convert_to_numpy(optimizer.iterations)) - self._epoch_start_step
 
-    def _keep_entry(self, target: str, value: float | None,
-                    record: dict) -> tuple[list[str], dict[str, Any]]:
-        """Records a new file; returns those the policy drops (to delete once it is
-        complete) and the new entry."""
-        self._kept = [k for k in self._kept if k["path"] != target]
-        entry = {"path": target, "value": value, "epoch": record["epoch"],
-                 "batch": record["batch"], "arrays": []}
-        self._kept.append(entry)
-        direction = self._monitor.direction if self.keep.best is not None else None
-        keep = self.keep.select(self._kept, direction)
-        doomed = [k["path"] for k in self._kept if k not in keep]
-        self._kept = keep
-        return doomed, entry
-
-    def _referenced_arrays(self) -> set[str]:
-        """State-array files a kept checkpoint (or `last`) refers to."""
-        return {path for entry in self._kept for path in entry["arrays"]} | set(self._last_arrays)
-
-    def _sibling_states(self, siblings: list[PlusCallback]) -> tuple[dict, dict, list[str]]:
-        """The states of the fit's callbacks, the state arrays not written yet, and the
-        files the states refer to."""
-        states, arrays, files = {}, {}, []
-        for key, callback in zip(state_keys(siblings), siblings):
-            state, names = callback.get_state(), {}
-            for name, (version, values) in callback.state_arrays().items():
-                path = self._storage.join(self.directory,
-                                          _writer.state_arrays_name(key, name, version))
-                names[name] = self._storage.name(path)
-                files.append(path)
-                if path not in self._arrays_written:
-                    self._arrays_written.add(path)
-                    arrays[path] = list(values)
-            states[key] = {**state, "arrays": names} if names else state
-        return states, arrays, files
-
-    def _refresh_states(self) -> None:
-        """Rewrites the last epoch's sidecars if a callback's state changed since the save."""
-        if self._to_refresh is None:
-            return
-        written, record, siblings, entry = self._to_refresh
-        self._to_refresh = None
-        before = self._referenced_arrays()
-        states, arrays, files = self._sibling_states(siblings)
-        if states == record["callbacks"]:
-            return
-        if entry is not None:
-            entry["arrays"] = files
-        if any(path == self.last_path for path, _ in written):
-            self._last_arrays = files
-        doomed_arrays = sorted(before - self._referenced_arrays())
-        updated = {**record, "callbacks": states}
-        self._writer.submit(
-            lambda: self._job_writer.write_sidecars(written, updated, arrays, doomed_arrays))
-
     # -- state -----------------------------------------------------------------
 
     def get_state(self) -> dict[str, Any]:
         return {
             "best": self.best,
             "best_path": self.best_path,
-            "kept": [dict(k) for k in self._kept],
-            "last_arrays": list(self._last_arrays),
-            "doomed": list(self._doomed[0]),
-            "doomed_arrays": list(self._doomed[1]),
+            **self._ledger.state(),
             "save_index": self._save_index,
             "batches_seen": self._batches_seen,
         }
@@ -643,21 +515,11 @@ class ParallelModelCheckpoint(MonitorOp, PlusCallback):
         self._reset()
         self.best = state.get("best", self.initial_value_threshold)
         self.best_path = state.get("best_path")
-        self._kept = [{"arrays": [], "batch": None, **k} for k in state.get("kept", [])]
-        self._last_arrays = list(state.get("last_arrays", []))
-        self._arrays_written = self._referenced_arrays()
+        self._ledger.load(state)
         self._save_index = state.get("save_index", 0)
         self._batches_seen = state.get("batches_seen", 0)
         self._restored = state
 
     def _resume_from(self, record: dict[str, Any], batches_done: int) -> None:
         """Called by `resume()`: the next fit continues epoch `record["epoch"]` after `batches_done`."""
-        resume = record.get("resume") or {}
-        self._resume_at = {
-            "epoch": int(record.get("epoch", 0)),
-            "batches_done": batches_done,
-            "logs": dict(record.get("logs") or {}),
-            "rng": resume.get("rng"),
-            "metrics": _resume.arrays_from_record(resume.get("metrics")),
-            "skip_from": None if batches_done else 0,
-        }
+        self._resume_at = _resume.ResumePoint(record, batches_done)

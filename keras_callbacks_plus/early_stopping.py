@@ -28,60 +28,19 @@ import numpy as np
 from keras_callbacks_plus import distribute
 from keras_callbacks_plus._base import PlusCallback
 from keras_callbacks_plus._monitor import Monitor, MonitorOp
-from keras_callbacks_plus._validate import check_int, check_number, invalid, is_int
+from keras_callbacks_plus._stopping import Smoother, TimeBudget, check_smoothing
+from keras_callbacks_plus._validate import check_int, check_number
 
 logger = logging.getLogger(__name__)
 
 STOP_REASONS = ("patience", "stopping_threshold", "divergence", "non_finite", "max_time")
 _STATE_VERSION = 1
-# Several workers vote on "time is up" (a collective) every `stride` batches;
-# the stride doubles while every worker saw less than this between votes, and
-# drops to 1 once any worker expects the budget to run out before the next vote.
-_VOTE_INTERVAL_S = 1.0
-_MAX_STRIDE = 4096
 _BATCH_STOP_LOCK = threading.Lock()
 
 
 def _clock() -> float:
     """Seconds on a monotonic clock (a module function so tests can replace it)."""
     return time.monotonic()
-
-
-def _smoothing(value: Any) -> int | float | None:
-    if value is None:
-        return None
-    if is_int(value, 1):
-        return int(value)
-    if isinstance(value, (float, np.floating)) and 0.0 < value < 1.0:
-        return float(value)
-    raise invalid("smoothing", "None, an int >= 1 (mean of the last N values) or a float in "
-                  "(0, 1) (weight of the newest value in an exponential moving average)", value)
-
-
-class _Smoother:
-    """The value decisions are made on: raw, mean of the last N, or an EMA."""
-
-    def __init__(self, smoothing: int | float | None):
-        self.smoothing = smoothing
-        self.window: list[float] = []
-        self.ema: float | None = None
-
-    def update(self, value: float) -> float:
-        if self.smoothing is None:
-            return value
-        if isinstance(self.smoothing, int):
-            self.window = (self.window + [value])[-self.smoothing :]
-            return sum(self.window) / len(self.window)
-        alpha = self.smoothing
-        self.ema = value if self.ema is None else alpha * value + (1.0 - alpha) * self.ema
-        return self.ema
-
-    def state(self) -> dict[str, Any]:
-        return {"window": list(self.window), "ema": self.ema}
-
-    def load(self, state: dict[str, Any]) -> None:
-        self.window = [float(v) for v in state.get("window", [])]
-        self.ema = state.get("ema")
 
 
 class RobustEarlyStopping(MonitorOp, PlusCallback):
@@ -224,7 +183,7 @@ class RobustEarlyStopping(MonitorOp, PlusCallback):
         self.start_from_epoch = check_int("start_from_epoch", start_from_epoch, 0)
         self.baseline = check_number("baseline", baseline, allow_none=True)
         self.restore_best_weights = bool(restore_best_weights)
-        self.smoothing = _smoothing(smoothing)
+        self.smoothing = check_smoothing(smoothing)
         self.stopping_threshold = check_number("stopping_threshold", stopping_threshold,
                                                allow_none=True)
         self.divergence_threshold = check_number("divergence_threshold", divergence_threshold,
@@ -251,8 +210,8 @@ class RobustEarlyStopping(MonitorOp, PlusCallback):
         self.best_weights: list[np.ndarray] | None = None
         self.wait = 0
         self.restored_weights: str | None = None
-        self._smoother = _Smoother(self.smoothing)
-        self._elapsed_before = 0.0
+        self._smoother = Smoother(self.smoothing)
+        self._time = TimeBudget(self.max_time, lambda: _clock())
         self._clear_stop()
 
     def _clear_stop(self) -> None:
@@ -261,7 +220,6 @@ class RobustEarlyStopping(MonitorOp, PlusCallback):
         self.stopped_batch: int | None = None
         self._stop_value: float | None = None
         self._epoch = 0
-        self._start: float | None = None
 
     def _check_thresholds(self, direction: str) -> None:
         better = "lower" if direction == "min" else "higher"
@@ -281,10 +239,6 @@ class RobustEarlyStopping(MonitorOp, PlusCallback):
                 f"divergence_threshold={diverge!r} with mode={direction!r} ({better} is "
                 f"better). Received: baseline={base!r}"
             )
-
-    def _elapsed(self) -> float:
-        running = 0.0 if self._start is None else _clock() - self._start
-        return self._elapsed_before + running
 
     def _state_key_extra(self) -> str:
         return self._state_key_of(monitor=self.monitor, mode=self.mode)
@@ -308,7 +262,7 @@ class RobustEarlyStopping(MonitorOp, PlusCallback):
             "stop_reason": self.stop_reason,
             "stopped_epoch": self.stopped_epoch,
             "stopped_batch": self.stopped_batch,
-            "elapsed": self._elapsed(),
+            "elapsed": self._time.elapsed(),
         }
 
     def state_arrays(self) -> dict[str, tuple[str, list[np.ndarray]]]:
@@ -341,7 +295,7 @@ class RobustEarlyStopping(MonitorOp, PlusCallback):
         self.stop_reason = state.get("stop_reason")
         self.stopped_epoch = int(state.get("stopped_epoch") or 0)
         self.stopped_batch = state.get("stopped_batch")
-        self._elapsed_before = float(state.get("elapsed", 0.0))
+        self._time.before = float(state.get("elapsed", 0.0))
         weights = (arrays or {}).get("best_weights")
         legacy_file = state.get("best_weights")  # an earlier version's .npz
         if weights is None and legacy_file and self.restore_best_weights:
@@ -381,12 +335,8 @@ class RobustEarlyStopping(MonitorOp, PlusCallback):
         self._start_weights = None
         if self.restore_best_weights and self.check_finite and self.best_weights is None:
             self._start_weights = distribute.host_copy(self.model.weights)
-        self._start = _clock()
+        self._time.begin()
         self._steps = (self.params or {}).get("steps")
-        self._workers = distribute.num_workers() if self.max_time is not None else 1
-        self._stride = self._until_vote = 1
-        self._last_vote = self._start
-        self._near = False
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -399,13 +349,11 @@ class RobustEarlyStopping(MonitorOp, PlusCallback):
             self._check_thresholds(self._monitor.resolve(self.model))
         self._epoch = epoch
         self._decide(epoch, logs)
-        if self.stop_reason is None and self.max_time is not None and self._time_is_up(True):
+        if self.stop_reason is None and self.max_time is not None and self._time.is_up(True):
             self._stop("max_time")
 
     def on_train_end(self, logs=None):
-        if self._start is not None:
-            self._elapsed_before = self._elapsed()
-            self._start = None
+        self._time.end()
         if self.stop_reason is not None:
             self._say(self._stop_message())
         if self.preempted:
@@ -481,30 +429,6 @@ class RobustEarlyStopping(MonitorOp, PlusCallback):
         # state back into the variables, which a batch hook must not pay for.
         self._model.stop_training = True
 
-    def _time_is_up(self, epoch_end: bool = False) -> bool:
-        now = _clock()
-        elapsed = self._elapsed_before + now - self._start
-        spent = elapsed >= self.max_time
-        if self._workers <= 1:
-            return spent
-        # A collective: every worker reaches each vote at the same step,
-        # because the schedule below only changes on agreed outcomes.
-        if not epoch_end:
-            self._until_vote -= 1
-            if self._until_vote > 0:
-                return False
-        if distribute.any_worker(spent):
-            return True
-        if epoch_end or self._near:
-            return False
-        interval = now - self._last_vote
-        if distribute.any_worker(elapsed + 2.0 * interval >= self.max_time):
-            self._near, self._stride = True, 1
-        elif not distribute.any_worker(interval >= _VOTE_INTERVAL_S):
-            self._stride = min(2 * self._stride, _MAX_STRIDE)
-        self._until_vote, self._last_vote = self._stride, now
-        return False
-
     def _on_train_batch_end(self, batch, logs=None):
         """The batch checks (`check_finite`, `max_time`); registered only when one is on.
 
@@ -523,7 +447,7 @@ class RobustEarlyStopping(MonitorOp, PlusCallback):
         # After an epoch's last batch the epoch-end check comes next: it
         # evaluates the complete epoch first.
         if reason is None and (
-            self.max_time is not None and batch + 1 != self._steps and self._time_is_up()
+            self.max_time is not None and batch + 1 != self._steps and self._time.is_up()
         ):
             reason = "max_time"
         if reason is None:

@@ -17,7 +17,14 @@ from helpers import (
     subprocess_env,
 )
 
-from keras_callbacks_plus import ParallelModelCheckpoint, _storage, data_parallel, distribute, resume
+from keras_callbacks_plus import (
+    ParallelModelCheckpoint,
+    _commit,
+    _storage,
+    data_parallel,
+    distribute,
+    resume,
+)
 from keras_callbacks_plus._base import PlusCallback
 
 BACKEND = keras.backend.backend()
@@ -308,7 +315,7 @@ def test_sigkill_inside_a_write_always_leaves_a_loadable_checkpoint(tmp_path):
         leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(_storage.TMP_PREFIX)]
         # The run's own temporary file, if any; the previous run's were removed at its start.
         assert len(leftovers) == int(torn), (point, leftovers)
-        newest, record = _storage.complete_checkpoints(_LOCAL, str(tmp_path))[-1]
+        newest, record = _commit.complete_checkpoints(_LOCAL, str(tmp_path))[-1]
         model = keras.saving.load_model(newest)  # complete, so it loads
         assert len(model.get_weights()) == 4 and record["save_index"] >= 1, point
         resumed = _compiled()
@@ -474,4 +481,4 @@ def test_sidecar_has_every_sibling_state_whatever_the_order(tmp_path, tiny_data,
     for epoch in (1, 2, 3):
         record = json.loads((tmp_path / f"m_{epoch}.keras.json").read_text())
         assert record["callbacks"]["_Counter"] == {"epochs": epoch}
-        assert _storage.read_sidecar(_LOCAL, str(tmp_path / f"m_{epoch}.keras")) is not None
+        assert _commit.read_sidecar(_LOCAL, str(tmp_path / f"m_{epoch}.keras")) is not None

@@ -24,6 +24,7 @@ from keras_callbacks_plus import (
     Keep,
     ParallelModelCheckpoint,
     RobustEarlyStopping,
+    _commit,
     _storage,
     checkpoint as checkpoint_module,
     resume,
@@ -161,7 +162,7 @@ def test_time_based_saves_at_the_first_batch_end_after_the_interval(tmp_path, mo
     _compiled().fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[clock, checkpoint])
     # 25 s per batch: the first batch end at 60 s or more after the last save is every 3rd.
     saved = sorted((r["epoch"], r["batch"]) for _, r in
-                   _storage.complete_checkpoints(_LOCAL, str(tmp_path)))
+                   _commit.complete_checkpoints(_LOCAL, str(tmp_path)))
     assert saved == [(0, 3), (1, 2)]
 
 
@@ -184,7 +185,7 @@ def test_sigterm_saves_that_step_stops_and_chains_the_previous_handler(tmp_path)
     assert received == [signal.SIGTERM]  # the user's handler still ran
     assert handler_after is not checkpoint._flag._handle  # restored at train end
     assert len(history.epoch) == 2
-    newest, record = _storage.complete_checkpoints(_LOCAL, str(tmp_path))[-1]
+    newest, record = _commit.complete_checkpoints(_LOCAL, str(tmp_path))[-1]
     # The step of the signal (or, with asynchronous dispatch on JAX, a step or two later).
     assert record["preemption"] and record["epoch"] == 1
     assert record["batches_done"] == int(keras.ops.convert_to_numpy(model.optimizer.iterations)) - 4
@@ -207,7 +208,7 @@ def test_a_second_signal_during_the_save_changes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint._job_writer, "write", write_and_signal)
     model.fit(x, y, batch_size=32, epochs=5, verbose=0, callbacks=[SignalAt(3), checkpoint])
     assert checkpoint._flag.count == 2 and checkpoint.preempted
-    newest, record = _storage.complete_checkpoints(_LOCAL, str(tmp_path))[-1]
+    newest, record = _commit.complete_checkpoints(_LOCAL, str(tmp_path))[-1]
     assert record["batches_done"] == 3
     keras.saving.load_model(newest)
 
@@ -260,7 +261,7 @@ def test_resume_with_data_that_cannot_be_positioned_warns_and_starts_the_epoch_a
     checkpoint = ParallelModelCheckpoint(str(tmp_path / "m.keras"))
     with pytest.warns(UserWarning, match="cannot be positioned at a batch"):
         assert resume(_compiled(), tmp_path, callbacks=[checkpoint], data=batches()) == 1
-    assert checkpoint._resume_at["batches_done"] == 0
+    assert checkpoint._resume_at.batches_done == 0
 
 
 # -- several workers --------------------------------------------------------------------------

@@ -22,18 +22,16 @@ from pathlib import Path
 import pytest
 from helpers import create_bucket, moto_s3_server, s3_options
 
-from keras_callbacks_plus import _storage
-from keras_callbacks_plus._storage import (
-    TMP_PREFIX,
-    LocalStorage,
+from keras_callbacks_plus import _commit, _storage
+from keras_callbacks_plus._commit import (
     complete_checkpoints,
-    open_storage,
     read_sidecar,
     remove_checkpoint,
     remove_leftovers,
     sidecar_path,
     write_sidecar,
 )
+from keras_callbacks_plus._storage import TMP_PREFIX, LocalStorage, open_storage
 
 PACKAGE_DIR = Path(_storage.__file__).parent
 MIB = 2**20
@@ -391,7 +389,7 @@ def test_leftovers(store):
     ("last.keras", "last.keras", "last_1.keras"),
 ])
 def test_template_glob_matches_what_the_template_writes(template, matching, other):
-    glob = _storage.template_glob(template)
+    glob = _commit.template_glob(template)
     assert fnmatch.fnmatchcase(matching, glob) and not fnmatch.fnmatchcase(other, glob)
 
 
@@ -415,9 +413,9 @@ def test_sidecars_of_earlier_versions_still_match(tmp_path):
            "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     (tmp_path / "m.keras.json").write_text(json.dumps(old))
     local = _storage.LocalStorage()
-    record = _storage.read_sidecar(local, str(path))
+    record = _commit.read_sidecar(local, str(path))
     assert record["save_index"] == 1
-    assert _storage.complete_checkpoints(local, str(tmp_path)) == [(str(path), record)]
+    assert _commit.complete_checkpoints(local, str(tmp_path)) == [(str(path), record)]
 
 
 # -- retries ---------------------------------------------------------------------------------
