@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import keras
 import numpy as np
 
-from keras_callbacks_plus import _commit, _optimizers, _storage, _writer, distribute
+from keras_callbacks_plus import _commit, _optimizers, _storage, _validate, _writer, distribute
 from keras_callbacks_plus._base import distribution_scope, legacy_state_keys, state_keys
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ def resume(
     *,
     data: Any = None,
     storage_options: dict[str, Any] | None = None,
+    missing_ok: bool = False,
 ) -> int:
     """Restores a checkpoint into `model` and `callbacks`; returns the epoch to resume at.
 
@@ -138,6 +139,9 @@ def resume(
             `PyDataset` is set to the resumed epoch). Defaults to `None`.
         storage_options: options of an fsspec URL's file system. Defaults to
             `None`.
+        missing_ok: a folder without any complete checkpoint is a fresh
+            start: return 0 and restore nothing (the first run of a job that
+            may be requeued). Defaults to `False`: raise.
 
     Returns:
         The epoch to pass as `fit(initial_epoch=...)`: the number of complete
@@ -147,6 +151,7 @@ def resume(
         FileNotFoundError: no complete checkpoint at `path_or_directory`.
         ValueError: the checkpoint does not match `model`.
     """
+    missing_ok = _validate.check_bool("missing_ok", missing_ok)
     storage = _storage.open_storage(path_or_directory, storage_options, owner="resume()",
                                     argument="path_or_directory")
     path = os.fspath(path_or_directory)
@@ -162,6 +167,8 @@ def resume(
     else:
         found = _commit.complete_checkpoints(storage, path)
         if not found:
+            if missing_ok:
+                return 0
             raise FileNotFoundError(f"No complete checkpoint of keras_callbacks_plus in {path}.")
         path, record = found[-1]
     _load_model_state(storage, path, record, model)

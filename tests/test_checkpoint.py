@@ -276,6 +276,15 @@ def test_resume_needs_a_complete_checkpoint(tmp_path):
         resume(_compiled(), tmp_path / "m.keras")
 
 
+def test_resume_missing_ok_is_a_fresh_start(tmp_path):
+    model = _compiled()
+    before = [w.copy() for w in model.get_weights()]
+    assert resume(model, tmp_path / "none", missing_ok=True) == 0
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    with pytest.raises(ValueError, match="missing_ok"):
+        resume(model, tmp_path, missing_ok="yes")
+
+
 def test_resume_into_a_twin(tmp_path, two_devices, tiny_data):
     x, y = tiny_data
     model = _resumable()

@@ -93,3 +93,59 @@ def test_multi_worker_block_runs_on_two_workers(tmp_path, launch):
     assert reports[0]["digest"] == reports[1]["digest"]  # the same trained template everywhere
     loaded = keras.saving.load_model(tmp_path / "model.keras")
     assert loaded.count_params() == 8 * 9 + 8 + 8 * 10 + 10
+
+
+RECIPE = re.compile(r"<!-- preemption recipe -->\n```python\n(.*?)```", re.DOTALL)
+
+
+def _recipe_script(directory: Path) -> Path:
+    """The README's preemption recipe, after the migration guide's shared definitions."""
+    text = README.read_text()
+    definitions = "\n".join(code for kind, code in _blocks()[:2])
+    script = directory / "train.py"
+    script.write_text(
+        "from keras_callbacks_plus import distribute\n"
+        "distribute.emulate_cpu_devices(2)\n" + definitions + RECIPE.search(text).group(1)
+    )
+    return script
+
+
+@pytest.mark.slow  # two training processes
+def test_preemption_recipe_exits_143_and_resumes_where_it_stopped(tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import subprocess_env
+
+    from keras_callbacks_plus import PREEMPTED_EXIT_CODE, _commit, _storage
+
+    script, ckpt = _recipe_script(tmp_path), tmp_path / "ckpt"
+    env = subprocess_env(CKPT_DIR=str(ckpt), SAVE_EVERY="1s")
+    process = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path,
+                               env={**env, "EPOCHS": "100000"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not _commit.complete_checkpoints(_storage.LocalStorage(), str(ckpt)):
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)  # whatever batch it is at
+        out, err = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == PREEMPTED_EXIT_CODE == 143, err[-3000:]
+    _, record = _commit.complete_checkpoints(_storage.LocalStorage(), str(ckpt))[-1]
+    assert record["preemption"] and json.loads(json.dumps(record["callbacks"]))
+    stopped = record["epoch"] + 1  # the epoch in progress, counted from 1
+    assert out.splitlines()[-1] == f"epochs 1 to {stopped} preempted"
+    # The next run resumes in that epoch and trains one more.
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path,
+                            env={**env, "EPOCHS": str(stopped + 1)}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == f"epochs {stopped} to {stopped + 1} "
