@@ -238,6 +238,8 @@ def model_config_json(model) -> str:
 
     with ObjectSharingScope():
         return json.dumps(keras.saving.serialize_keras_object(model))
+
+
 def check_optimizer_internals_supported() -> None:
     """Raises `RuntimeError` unless Keras is one of `OPTIMIZER_INTERNALS_TESTED_KERAS`."""
     _require_tested(_OPTIMIZER_INTERNALS_USE, OPTIMIZER_INTERNALS_TESTED_KERAS)

@@ -63,7 +63,9 @@ _TRANSIENT_NAMES = frozenset({
     "ServerTimeoutError", "ProtocolError", "TransportError", "ChunkedEncodingError",
     "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
 })
-_PERMANENT_TYPES = (PermissionError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
+_PERMANENT_TYPES = (
+    PermissionError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+)
 _PERMANENT_NAMES = frozenset({
     "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "NoRegionError",
     "ParamValidationError", "RefreshError", "DefaultCredentialsError",
@@ -194,7 +196,9 @@ class FsspecStorage(Storage):
         "a checkpoint is committed by its sidecar, written after it"
     )
 
-    def __init__(self, url: str, protocol: str, storage_options: dict[str, Any], *, owner: str, argument: str):
+    def __init__(
+        self, url: str, protocol: str, storage_options: dict[str, Any], *, owner: str, argument: str
+    ):
         super().__init__(url, owner=owner, argument=argument)
         self.protocol = protocol
         self.storage_options = storage_options
