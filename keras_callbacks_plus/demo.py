@@ -224,8 +224,8 @@ def run_demo(
     activations = ActivationLogger(
         probe, layers=["backbone/block*_relu", "features", "head"], phases=("test", "train"),
         h5_path=out / "activations.h5")
-    stopping = RobustEarlyStopping("val_accuracy", patience=2, min_delta=0.002,
-                                   max_time=max_time, verbose=verbose)
+    # No min_delta: the checkpoint's best file and early stopping's best epoch are the same epoch.
+    stopping = RobustEarlyStopping("val_accuracy", patience=2, max_time=max_time, verbose=verbose)
     checkpoint = ParallelModelCheckpoint(
         model, out / "checkpoints" / "epoch{epoch:02d}-acc{val_accuracy:.3f}.keras",
         monitor="val_accuracy", save_best_only=True, max_to_keep=2, save_last=True)
