@@ -42,9 +42,19 @@ class Saver:
         self.jobs = _writer.CheckpointWriter(storage, weights_only, template_model, owner)
         self.snapshotter = Snapshotter()
         self._to_refresh: tuple | None = None
+        self._unprepared: keras.Model | None = None
 
     def prepare(self, model: keras.Model) -> None:
-        """Builds the layout model of the files `model`'s training writes (at train begin)."""
+        """Builds the layout model of the files `model`'s training writes (at train begin).
+
+        A model that is not built yet (a Sequential without an `Input` on
+        TensorFlow, built by its first step) has a config without shapes: its
+        layout model is built at the first save instead.
+        """
+        self._unprepared = None
+        if self.template_model is None and not model.weights:
+            self._unprepared = model
+            return
         optimizer = getattr(model, "optimizer", None)
         recipe = (keras.saving.serialize_keras_object(self.template_model or model),
                   model.get_compile_config() if optimizer is not None else None)
@@ -70,6 +80,8 @@ class Saver:
         if not busy:
             waited = _timed(self.writer.wait_until_finished)
         snapshot = self.snapshotter.take(model, with_optimizer=True, spare=busy)
+        if self._unprepared is not None and distribute.is_chief():
+            self.prepare(self._unprepared)  # no write is in flight before the first save
         if not distribute.is_chief():
             # Every worker's template holds the trained weights; only the chief writes.
             if self.template_model is not None:
