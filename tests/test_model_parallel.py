@@ -1,8 +1,9 @@
 """model_parallel: a twin sharded over a device mesh, and every callback on it.
 
-JAX: a `(1, 2)` mesh in this process (conftest gives 2 host devices), a
-`(2, 2)` mesh in a fresh process with 4, and a `(2, 2)` mesh over two
-processes. TensorFlow: the clear error.
+JAX: a `(1, 2)` mesh in this process (conftest gives 2 host devices), all four
+callbacks at once on a `(1, 2)` and a `(2, 2)` mesh in fresh processes (with 2
+and 4 host devices), and a `(2, 2)` mesh over two processes. TensorFlow: the
+clear error.
 """
 
 import json
@@ -304,20 +305,25 @@ def test_best_weights_come_back_into_every_shard(two_devices, tiny_data):
 
 
 @jax_only
-def test_every_callback_on_a_2x2_mesh(tmp_path, launch):
-    [result] = launch("model_parallel_mesh.py", num_workers=1, args=[str(tmp_path)],
-                      env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, timeout=300)
+@pytest.mark.parametrize("mesh, shards", [
+    # [device, first column, end column, replica] of the hidden kernel's shards: the batch
+    # axis holds the replicas, each split over the model axis.
+    ((1, 2), [[0, 0, 8, 0], [1, 8, 16, 0]]),
+    ((2, 2), [[0, 0, 8, 0], [1, 8, 16, 0], [2, 0, 8, 1], [3, 8, 16, 1]]),
+])
+def test_every_callback_at_once_on_a_mesh(tmp_path, launch, mesh, shards):
+    count = mesh[0] * mesh[1]
+    [result] = launch("model_parallel_mesh.py", num_workers=1, args=[str(tmp_path), str(mesh[0])],
+                      env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={count}"},
+                      timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.last_line())
-    assert report["mesh"] == [2, 2] and report["replicas"] == 2
-    assert report["kernel_spec"] == [None, "model"]
-    # [device, first column, end column, replica]: the batch axis holds two replicas, each
-    # split over the model axis.
-    assert report["kernel_shards"] == [[0, 0, 8, 0], [1, 8, 16, 0], [2, 0, 8, 1], [3, 8, 16, 1]]
+    assert report["mesh"] == list(mesh) and report["replicas"] == mesh[0]
+    assert report["kernel_spec"] == [None, "model"] and report["kernel_shards"] == shards
     assert report["slot_spec"] == [None, "model"]
     assert report["predict_diff"] < 1e-6
     assert report["frozen_bit_identical"] and report["logger_count_whole"]
-    assert report["best_weights_restored"]
+    assert report["best_epoch"] < report["last_epoch"] and report["best_weights_restored"]
     assert report["loaded_predict_diff"] < 1e-6
     assert report["resume_bit_identical"]
 

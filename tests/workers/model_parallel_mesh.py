@@ -1,8 +1,9 @@
-"""A (2, 2) model-parallel mesh in one process with 4 host devices, for tests/test_model_parallel.py.
+"""A model-parallel twin with all four callbacks in one process, for tests/test_model_parallel.py.
 
-Started with `XLA_FLAGS=--xla_force_host_platform_device_count=4`; argv[1] is a
-folder for files. Trains a `model_parallel` twin with all four callbacks of
-the package, then resumes a checkpoint into a new twin, and prints one JSON
+Usage: model_parallel_mesh.py FOLDER DATA_PARALLEL, started with as many host
+devices as the mesh has (`XLA_FLAGS=--xla_force_host_platform_device_count=4`
+for a `(2, 2)` mesh). Trains a `model_parallel` twin with all four callbacks
+of the package, then resumes a checkpoint into a new twin, and prints one JSON
 line of what it found.
 """
 
@@ -29,7 +30,7 @@ from keras_callbacks_plus import (  # noqa: E402
     resume,
 )
 
-folder = sys.argv[1]
+folder, data_parallel = sys.argv[1], int(sys.argv[2])
 LAYOUT = {"hidden/kernel": (None, "model"), "hidden/bias": ("model",),
           "head/kernel": ("model", None), "hidden/output": ("batch", "model")}
 FIT = dict(batch_size=32, shuffle=False, verbose=0)
@@ -39,7 +40,7 @@ report = {}
 
 
 def twin_of(template):
-    twin = model_parallel(template, LAYOUT, data_parallel=2)
+    twin = model_parallel(template, LAYOUT, data_parallel=data_parallel)
     twin.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
     return twin
 
