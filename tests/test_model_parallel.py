@@ -6,13 +6,12 @@ and 4 host devices), and a `(2, 2)` mesh over two processes. TensorFlow: the
 clear error.
 """
 
-import json
 import tracemalloc
 
 import keras
 import numpy as np
 import pytest
-from helpers import build_tiny_model, make_tiny_data
+from helpers import assert_workers_succeeded, build_tiny_model, make_tiny_data
 
 from keras_callbacks_plus import (
     ActivationLogger,
@@ -172,6 +171,7 @@ def test_host_copies_gather_shard_by_shard_into_one_copy(two_devices):
 
 
 @jax_only
+@pytest.mark.slow  # a fresh process that starts a backend to load the file
 def test_checkpoint_writes_the_template_which_loads_on_one_device(tmp_path, two_devices,
                                                                   tiny_data, launch):
     x, y = tiny_data
@@ -188,10 +188,9 @@ def test_checkpoint_writes_the_template_which_loads_on_one_device(tmp_path, two_
     for saved, live in zip(loaded.optimizer.variables, twin.optimizer.variables):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(saved),
                                       distribute.host_copy([live])[0])
-    [result] = launch("checkpoint_train.py", num_workers=1,
-                      args=["load", str(tmp_path / "model.keras")])
-    assert result.returncode == 0, result.stderr[-3000:]
-    np.testing.assert_allclose(json.loads(result.last_line())["predictions"], expected, atol=1e-6)
+    [loaded_elsewhere] = assert_workers_succeeded(
+        launch("checkpoint_train.py", num_workers=1, args=["load", str(tmp_path / "model.keras")]))
+    np.testing.assert_allclose(loaded_elsewhere["predictions"], expected, atol=1e-6)
 
 
 @jax_only
@@ -305,6 +304,7 @@ def test_best_weights_come_back_into_every_shard(two_devices, tiny_data):
 
 
 @jax_only
+@pytest.mark.slow  # a fresh process with as many host devices as the mesh
 @pytest.mark.parametrize("mesh, shards", [
     # [device, first column, end column, replica] of the hidden kernel's shards: the batch
     # axis holds the replicas, each split over the model axis.
@@ -313,11 +313,9 @@ def test_best_weights_come_back_into_every_shard(two_devices, tiny_data):
 ])
 def test_every_callback_at_once_on_a_mesh(tmp_path, launch, mesh, shards):
     count = mesh[0] * mesh[1]
-    [result] = launch("model_parallel_mesh.py", num_workers=1, args=[str(tmp_path), str(mesh[0])],
-                      env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={count}"},
-                      timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.last_line())
+    [report] = assert_workers_succeeded(launch(
+        "model_parallel_mesh.py", num_workers=1, args=[str(tmp_path), str(mesh[0])],
+        env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={count}"}, timeout=300))
     assert report["mesh"] == list(mesh) and report["replicas"] == mesh[0]
     assert report["kernel_spec"] == [None, "model"] and report["kernel_shards"] == shards
     assert report["slot_spec"] == [None, "model"]
@@ -331,11 +329,9 @@ def test_every_callback_at_once_on_a_mesh(tmp_path, launch, mesh, shards):
 @jax_only
 @pytest.mark.multiprocess
 def test_two_processes_train_and_only_the_chief_writes(tmp_path, launch):
-    results = launch("model_parallel_workers.py", num_workers=2, args=[str(tmp_path)],
-                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, timeout=300)
-    for r in results:
-        assert r.returncode == 0 and not r.timed_out, r.stderr[-3000:]
-    chief, other = (json.loads(r.last_line()) for r in results)
+    chief, other = assert_workers_succeeded(launch(
+        "model_parallel_workers.py", num_workers=2, args=[str(tmp_path)],
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, timeout=300))
     assert chief["mesh"] == other["mesh"] == [2, 2]
     assert chief["loss"] == other["loss"]
     assert chief["template"] == other["template"]  # every process gathered the same weights

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import keras
 import numpy as np
 
-from keras_callbacks_plus import _base
+from keras_callbacks_plus import _base, _validate
 from keras_callbacks_plus.distribute import _twin
 from keras_callbacks_plus.distribute._devices import canonical_device, resolve_devices
 
@@ -190,16 +190,13 @@ def _layouts_of(layout: Any) -> tuple[dict[str, tuple], Any]:
         patterns = {key: _axes(key, value) for key, value in layout.items()}
         mesh = None
     else:
-        raise ValueError(
-            "Invalid value for argument layout. Expected a keras.distribution.LayoutMap or "
-            "a dict of variable-path patterns to axis tuples, e.g. "
-            f"{{'dense_1/kernel': (None, 'model')}}. Received: layout={layout!r}"
-        )
+        raise _validate.invalid(
+            "layout", "a keras.distribution.LayoutMap or a dict of variable-path patterns to "
+            "axis tuples, e.g. {'dense_1/kernel': (None, 'model')}", layout)
     if not patterns:
-        raise ValueError(
-            "Invalid value for argument layout. Expected at least one pattern: a model "
-            f"without sharded variables is data_parallel()'s. Received: layout={layout!r}"
-        )
+        raise _validate.invalid(
+            "layout", "at least one pattern (a model without sharded variables is "
+            "data_parallel()'s)", layout)
     for key in patterns:
         try:
             re.compile(key)
@@ -231,13 +228,12 @@ def _grid(devices: list[Any], data_parallel: int | None) -> np.ndarray:
     """`devices` as a `(data_parallel, model)` array, in order."""
     factor = 1 if data_parallel is None else data_parallel
     count = len(devices)
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1 or count % factor:
+    if not _validate.is_int(factor, 1) or count % factor:
         names = ", ".join(str(canonical_device(d)) for d in devices)
-        raise ValueError(
-            "Invalid value for argument data_parallel. Expected a positive int that divides "
-            f"the number of devices ({count}: {names}). Received: data_parallel={data_parallel!r}"
-        )
-    return np.array(devices, dtype=object).reshape(factor, count // factor)
+        raise _validate.invalid(
+            "data_parallel", f"a positive int that divides the number of devices ({count}: "
+            f"{names})", data_parallel)
+    return np.array(devices, dtype=object).reshape(int(factor), count // int(factor))
 
 
 def _mesh_grid(mesh: Any, available: list[Any]) -> np.ndarray:

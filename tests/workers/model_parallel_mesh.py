@@ -7,16 +7,13 @@ of the package, then resumes a checkpoint into a new twin, and prints one JSON
 line of what it found.
 """
 
-import json
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from _worker import report
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from helpers import build_tiny_model, make_tiny_data  # noqa: E402
 
 from keras_callbacks_plus import (  # noqa: E402
@@ -36,7 +33,7 @@ LAYOUT = {"hidden/kernel": (None, "model"), "hidden/bias": ("model",),
 FIT = dict(batch_size=32, shuffle=False, verbose=0)
 x, y = make_tiny_data()
 xv, yv = x[:64], (y[:64] + 1) % 3  # wrong labels: val_loss is best early on
-report = {}
+found = {}
 
 
 def twin_of(template):
@@ -60,13 +57,13 @@ class WeightRecorder(keras.callbacks.Callback):
 template = build_tiny_model(batch_norm=True)
 twin = twin_of(template)
 kernel = twin.get_layer("hidden").kernel
-report["mesh"] = list(distribute._base.twin_distribution(twin).device_mesh.shape)
-report["replicas"] = distribute.num_replicas(twin)
-report["kernel_spec"] = list(kernel.value.sharding.spec)
-report["kernel_shards"] = sorted(
+found["mesh"] = list(distribute._base.twin_distribution(twin).device_mesh.shape)
+found["replicas"] = distribute.num_replicas(twin)
+found["kernel_spec"] = list(kernel.value.sharding.spec)
+found["kernel_shards"] = sorted(
     [s.device.id, s.index[1].start or 0, s.index[1].stop or 16, s.replica_id]
     for s in kernel.value.addressable_shards)
-report["predict_diff"] = float(np.abs(twin.predict(x, verbose=0)
+found["predict_diff"] = float(np.abs(twin.predict(x, verbose=0)
                                       - template.predict(x, verbose=0)).max())
 
 # All four callbacks in one fit.
@@ -81,20 +78,20 @@ callbacks = [
 ]
 history = twin.fit(x, y, validation_data=(xv, yv), epochs=6, callbacks=callbacks, **FIT)
 index = [v.path for v in twin.weights].index("hidden/kernel")
-report["frozen_bit_identical"] = bool(np.array_equal(recorder.weights[0][index],
+found["frozen_bit_identical"] = bool(np.array_equal(recorder.weights[0][index],
                                                      recorder.start[index]))
-report["slot_spec"] = next(list(v.value.sharding.spec) for v in twin.optimizer.variables
+found["slot_spec"] = next(list(v.value.sharding.spec) for v in twin.optimizer.variables
                            if v.path.endswith("hidden_kernel_momentum"))
 record = read_activation_log(os.path.join(folder, "act.h5"))[-1]["layers"]["test"]["hidden"]
-report["logger_count_whole"] = bool(record["count"][0] == 64 * 16)
+found["logger_count_whole"] = bool(record["count"][0] == 64 * 16)
 best = recorder.weights[stopper.best_epoch]
-report["best_epoch"], report["last_epoch"] = stopper.best_epoch, history.epoch[-1]
-report["best_weights_restored"] = all(
+found["best_epoch"], found["last_epoch"] = stopper.best_epoch, history.epoch[-1]
+found["best_weights_restored"] = all(
     np.array_equal(np.asarray(s.data), w[s.index])
     for v, w in zip(twin.weights, best) for s in v.value.addressable_shards)
 # The best epoch's checkpoint is a single-device template that predicts what the twin now does.
 loaded = keras.saving.load_model(os.path.join(folder, "ckpt", f"m_{stopper.best_epoch + 1}.keras"))
-report["loaded_predict_diff"] = float(np.abs(loaded.predict(x, verbose=0)
+found["loaded_predict_diff"] = float(np.abs(loaded.predict(x, verbose=0)
                                              - twin.predict(x, verbose=0)).max())
 
 # Resume: a checkpoint of an uninterrupted run, into a new twin, continues bit for bit.
@@ -104,8 +101,8 @@ straight.fit(x, y, epochs=3, callbacks=[ParallelModelCheckpoint(path)], **FIT)
 resumed = twin_of(build_tiny_model(batch_norm=True, seed=7))
 initial_epoch = resume(resumed, os.path.join(folder, "resume", "m_1.keras"))
 resumed.fit(x, y, epochs=3, initial_epoch=initial_epoch, **FIT)
-report["resume_bit_identical"] = initial_epoch == 1 and all(
+found["resume_bit_identical"] = initial_epoch == 1 and all(
     np.array_equal(a, b) for a, b in zip(
         distribute.host_copy(straight.variables + straight.optimizer.variables),
         distribute.host_copy(resumed.variables + resumed.optimizer.variables)))
-print(json.dumps(report))
+report(**found)

@@ -7,42 +7,19 @@ the model axis within each. A checkpoint goes to the shared folder argv[1]
 axis spans the processes, is gathered by a collective. Prints one JSON line.
 """
 
-import hashlib
-import json
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from _worker import count_local_writes, join_workers, report, weights_digest
 
-from keras_callbacks_plus import _storage, distribute  # noqa: E402
-
-index = int(os.environ["KCP_WORKER_INDEX"])
-distribute.multi_worker_strategy(os.environ["KCP_WORKER_ADDRESSES"].split(","), index)
+index = join_workers()
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from helpers import build_tiny_model, make_tiny_data  # noqa: E402
 
-from keras_callbacks_plus import ParallelModelCheckpoint, model_parallel  # noqa: E402
+from keras_callbacks_plus import ParallelModelCheckpoint, distribute, model_parallel  # noqa: E402
 
-writes = []
-_write_with = _storage.LocalStorage.write_with
-
-
-def counting_write_with(self, target, write):
-    writes.append(str(target))
-    return _write_with(self, target, write)
-
-
-_storage.LocalStorage.write_with = counting_write_with
-
-
-def digest(arrays):
-    return hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in arrays)).hexdigest()
-
-
+writes = count_local_writes()
 LAYOUT = {"hidden/kernel": (None, "model"), "hidden/bias": ("model",),
           "head/kernel": ("model", None)}
 template = build_tiny_model(batch_norm=True)
@@ -56,21 +33,22 @@ history = twin.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
 distribute.copy_weights(twin, template)
 
 # The model axis across both processes: no process holds a whole kernel. The chief's
-# checkpoint writer drew random numbers: seed again, so that both create the same variables.
+# checkpoint writer may have drawn random numbers: seed again, so that both processes
+# create the same variables.
 keras.utils.set_random_seed(1)
 wide = model_parallel(template, {"hidden/kernel": (None, "model")})
 kernel = wide.get_layer("hidden").kernel.value
 copy = build_tiny_model(batch_norm=True, seed=5)
 distribute.copy_weights(wide, copy)  # a collective: both processes gather
 gathered = (not kernel.is_fully_addressable and len(kernel.addressable_shards) == 2
-            and digest(copy.get_weights()) == digest(template.get_weights()))
+            and weights_digest(copy.get_weights()) == weights_digest(template.get_weights()))
 distribute.barrier()
-print(json.dumps({
-    "index": index,
-    "mesh": list(distribute._base.twin_distribution(twin).device_mesh.shape),
-    "loss": [float(v) for v in history.history["loss"]],
-    "template": digest(template.get_weights()),
-    "writes": len(writes),
-    "gathered_across_processes": bool(gathered),
-    "predictions": template.predict(make_tiny_data(16, seed=3)[0], verbose=0).tolist(),
-}))
+report(
+    index=index,
+    mesh=list(distribute._base.twin_distribution(twin).device_mesh.shape),
+    loss=[float(v) for v in history.history["loss"]],
+    template=weights_digest(template.get_weights()),
+    writes=len(writes),
+    gathered_across_processes=bool(gathered),
+    predictions=template.predict(make_tiny_data(16, seed=3)[0], verbose=0).tolist(),
+)
