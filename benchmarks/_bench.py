@@ -123,3 +123,16 @@ def write_results(out_dir: str | Path, name: str, record: dict[str, Any], table:
     (out / f"{name}.md").write_text(table + "\n")
     print(table)
     return out / f"{name}.json"
+
+
+def pyplot():
+    """`matplotlib.pyplot` drawing to files, or None (with a note) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib missing: no plot; install the `plot` extra)")
+        return None
+    return plt

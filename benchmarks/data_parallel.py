@@ -127,14 +127,8 @@ json_path = _bench.write_results(
     table + f"\n\n{note}",
 )
 
-try:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-except ImportError:
-    print("(matplotlib missing: no plot; install the `plot` extra)")
-else:
+plt = _bench.pyplot()
+if plt is not None:
     fig, ax = plt.subplots(figsize=(5, 4))
     ks = [r["devices"] for r in rows]
     ax.plot(ks, ks, "--", color="gray", label="ideal (linear)")

@@ -1,4 +1,4 @@
-"""Reusable Keras 3 callbacks for fine-tuning and data-parallel training.
+"""Reusable Keras 3 callbacks for fine-tuning and data- and model-parallel training.
 
 Works with the TensorFlow and JAX backends; never imports PyTorch.
 """
@@ -13,7 +13,7 @@ from keras_callbacks_plus.activations import (
 from keras_callbacks_plus._preemption import PREEMPTED_EXIT_CODE
 from keras_callbacks_plus.checkpoint import Keep, ParallelModelCheckpoint, resume
 from keras_callbacks_plus.data import HDF5Sequence
-from keras_callbacks_plus.distribute import copy_weights, data_parallel
+from keras_callbacks_plus.distribute import copy_weights, data_parallel, model_parallel
 from keras_callbacks_plus.early_stopping import RobustEarlyStopping
 from keras_callbacks_plus.unfreezing import ProgressiveUnfreezing
 
@@ -30,6 +30,7 @@ __all__ = [
     "data_parallel",
     "distribute",
     "intermediate_outputs",
+    "model_parallel",
     "read_activation_log",
     "resume",
 ]

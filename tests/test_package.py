@@ -110,8 +110,8 @@ def test_backend_modules_define_the_same_functions():
 
 def test_distribute_all_is_the_user_api():
     assert sorted(distribute.__all__) == sorted([
-        "data_parallel", "copy_weights", "multi_worker_strategy", "is_chief", "worker_index",
-        "num_workers", "barrier", "any_worker", "broadcast_from_chief", "list_devices",
+        "data_parallel", "model_parallel", "copy_weights", "multi_worker_strategy", "is_chief",
+        "worker_index", "num_workers", "barrier", "any_worker", "broadcast_from_chief", "list_devices",
         "emulate_cpu_devices", "num_replicas", "replica_divergence",
     ])
     for name in ("host_copy", "local_value", "compile_function", "scope", "single_device_copy",

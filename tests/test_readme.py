@@ -3,7 +3,9 @@
 In the section "Migrating from the Keras 2 recipes", a block after
 `<!-- keras 2 -->` is old code, shown only; a block after `<!-- each worker -->`
 runs in two worker processes on 127.0.0.1, after the section's first block (the
-shared definitions); every other block runs here, in order, in one namespace.
+shared definitions); a block after `<!-- jax only -->` runs here on JAX and
+must raise the clear error on TensorFlow; every other block runs here, in
+order, in one namespace.
 """
 
 import re
@@ -18,10 +20,12 @@ from keras_callbacks_plus import read_activation_log
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SECTION = "## Migrating from the Keras 2 recipes"
-BLOCK = re.compile(r"(?:<!-- (keras 2|each worker) -->\n)?```python\n(.*?)```", re.DOTALL)
-# The recipes of the seeds: multi_gpu_model, saving the template, K.function,
-# frozen / shared layers, EarlyStopping, HDF5Matrix + fit_generator, the TF server.
-RECIPES = 7
+BLOCK = re.compile(r"(?:<!-- (keras 2|each worker|jax only) -->\n)?```python\n(.*?)```",
+                   re.DOTALL)
+# The recipes of the seeds: multi_gpu_model, tf.device, saving the template, K.function,
+# frozen / shared layers, EarlyStopping, HDF5Matrix + fit_generator, the parameter server,
+# the TF server.
+RECIPES = 9
 
 
 def _blocks() -> list[tuple[str | None, str]]:
@@ -55,8 +59,11 @@ def in_tmp_path(tmp_path, monkeypatch):
 def test_migration_blocks_run_in_one_process(in_tmp_path):
     namespace = {"__name__": "__readme__"}
     for kind, code in _blocks():
-        if kind is None:
+        if kind is None or kind == "jax only" and keras.backend.backend() == "jax":
             exec(compile(code, str(README), "exec"), namespace)
+        elif kind == "jax only":
+            with pytest.raises(NotImplementedError, match="needs the JAX backend"):
+                exec(compile(code, str(README), "exec"), namespace)
 
     # What the blocks promise, checked on what they left behind.
     model, x = namespace["model"], namespace["x"]
@@ -76,6 +83,12 @@ def test_migration_blocks_run_in_one_process(in_tmp_path):
     assert sorted(p.name for p in (in_tmp_path / "ckpt").glob("*.keras")) == [
         "model_01.keras", "model_02.keras"
     ]
+    if keras.backend.backend() == "jax":  # the sharded model's template, saved on one device
+        np.testing.assert_allclose(
+            namespace["restored_sharded"].predict(x[:16], verbose=0),
+            namespace["sharded_model"].predict(x[:16], verbose=0), atol=1e-6)
+        kernel = namespace["sharded_model"].get_layer("conv").kernel
+        assert tuple(kernel.value.sharding.spec) == (None, None, None, "model")
 
 
 @pytest.mark.multiprocess

@@ -1,11 +1,13 @@
-"""Data-parallel training on one or several devices and workers.
+"""Data- and model-parallel training on one or several devices and workers.
 
 This package is the only part of keras_callbacks_plus that depends on the
 Keras backend or on the distribution strategy; the callbacks ask it questions
 (`is_chief()`, `barrier()`, ...) instead. Every backend-specific line is in
 `_tf.py` or `_jax.py`, which define the same functions; this module imports
 the one of the Keras backend, once, as Keras's own `backend/` folder does.
-`_twin.py` is the backend-neutral part of a twin, `_devices.py` device names.
+`_twin.py` is the backend-neutral part of a twin, `_model_parallel.py` the
+model-parallel twin (`model_parallel`, `copy_weights`), `_devices.py` device
+names.
 
 Replica consistency: a data-parallel twin keeps every variable identical on
 all replicas. On TensorFlow, `data_parallel` turns on synchronized batch
@@ -29,10 +31,10 @@ import numpy as np
 from keras_callbacks_plus import _base, _layers
 from keras_callbacks_plus.distribute import _twin
 from keras_callbacks_plus.distribute._devices import canonical_device, resolve_devices
+from keras_callbacks_plus.distribute._model_parallel import copy_weights, model_parallel
 # check_same_architecture and scope are for the callbacks, outside __all__.
 from keras_callbacks_plus.distribute._twin import (  # noqa: F401
     check_same_architecture,
-    copy_weights,
     scope,
 )
 
@@ -45,6 +47,7 @@ __all__ = [
     "emulate_cpu_devices",
     "is_chief",
     "list_devices",
+    "model_parallel",
     "multi_worker_strategy",
     "num_replicas",
     "num_workers",
@@ -167,21 +170,7 @@ def data_parallel(model: keras.Model, devices: Sequence[Any] | None = None) -> k
     ```
     """
     multi_worker = _backend.multi_worker()
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"data_parallel() expects a keras.Model. Received: {type(model).__name__}"
-        )
-    if _base.twin_distribution(model) is not None:
-        raise ValueError(
-            f"Model {model.name!r} is already a data-parallel twin. Pass the "
-            "template model to data_parallel()."
-        )
-    if not model.built:
-        raise ValueError(
-            f"Model {model.name!r} is not built, so it has no weights to "
-            "replicate. Build it or call it first: model.build(input_shape) "
-            "or model(x) on one batch, or give it an Input layer."
-        )
+    _twin.check_template(model, "data_parallel()", "replicate")
     if multi_worker is not None:
         if devices is not None:
             raise ValueError(
@@ -210,7 +199,11 @@ def data_parallel(model: keras.Model, devices: Sequence[Any] | None = None) -> k
 
 
 def num_replicas(model: keras.Model) -> int:
-    """Returns how many replicas a `data_parallel` twin trains on (1 for any other model)."""
+    """Returns how many replicas a twin trains on (1 for any other model).
+
+    For a `data_parallel` twin, its devices; for a `model_parallel` twin, its
+    `data_parallel` factor (the model axis splits variables, not batches).
+    """
     distribution = _base.twin_distribution(model)
     return 1 if distribution is None else _backend.num_replicas(distribution)
 
@@ -383,9 +376,13 @@ def host_copy(variables, out: list[np.ndarray] | None = None) -> list[np.ndarray
 
     Exactly one copy per variable (Keras's `convert_to_numpy` makes two on
     TensorFlow), from a read of the variable (a mirrored one reads its
-    primary replica) into `out` when given. Reusing `out` from the previous
-    copy matters for large models: fresh memory costs a page fault per page,
-    which for hundreds of MB takes longer than the copy itself.
+    primary replica; a sharded one is assembled shard by shard, so the host
+    never holds a second whole copy of it) into `out` when given. Reusing
+    `out` from the previous copy matters for large models: fresh memory
+    costs a page fault per page, which for hundreds of MB takes longer than
+    the copy itself. A model-parallel twin whose model axis spans processes
+    is gathered by a collective: every process must then call this with the
+    same variables.
 
     Args:
         variables: Keras variables.
@@ -395,21 +392,22 @@ def host_copy(variables, out: list[np.ndarray] | None = None) -> list[np.ndarray
     Returns:
         The arrays (`out` itself when it was usable).
     """
-    views = _backend.host_views(variables)
+    variables = list(variables)
     if out is not None and len(out) == len(variables) and all(
         o.shape == tuple(v.shape) and o.dtype == np.dtype(v.dtype) for o, v in zip(out, variables)
     ):
-        for target, view in zip(out, views):
-            np.copyto(target, view)
+        for variable, target in zip(variables, out):
+            _backend.read_into(variable, target)
         return out
-    return [np.array(view) for view in views]
+    return [_backend.read_into(variable) for variable in variables]
 
 
 def local_value(variable) -> np.ndarray:
-    """This process's first replica of `variable`, on the host.
+    """This process's first replica of `variable`, whole, on the host.
 
     Reading it involves no collective, so one worker can do it alone (for
-    example to evaluate a twin on a single device).
+    example to evaluate a twin on a single device). A replica of a sharded
+    variable is assembled from its shards on this process's devices.
     """
     return _backend.replica_values(variable)[0]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import keras
@@ -45,8 +45,46 @@ def device_distribution(devices: tuple[str, ...]):
 
 
 def num_replicas(distribution) -> int:
-    """How many devices `distribution` (a DataParallel) splits batches over."""
+    """How many devices `distribution` splits batches over: its data-parallel axis.
+
+    Every device for a DataParallel; the size of the batch axis of a
+    ModelParallel's mesh (the model axis splits variables, not batches).
+    """
+    if isinstance(distribution, keras.distribution.ModelParallel):
+        return int(distribution.num_model_replicas)
     return int(np.prod(distribution.device_mesh.shape))
+
+
+def mesh_devices(names: tuple[str, ...] | None) -> list[Any]:
+    """The devices named `names` (this process's), or with None every device of the job.
+
+    Every device of the job: all processes' after `start_multi_worker()`,
+    else this process's accelerators (GPUs, TPUs), or its CPU devices when it
+    has none.
+    """
+    if names is None:
+        if _multi_worker is not None:
+            return list(jax.devices())
+        found = jax.local_devices()
+        return [d for d in found if d.platform != "cpu"] or found
+    by_name = {canonical_device(d): d for d in jax.local_devices()}
+    return [by_name[name] for name in names]
+
+
+def model_parallel_distribution(devices: np.ndarray, axis_names: tuple[str, ...],
+                                layouts: dict[str, tuple], batch_dim_name: str):
+    """`keras.distribution.ModelParallel` over the mesh `devices` (shaped like the mesh).
+
+    `layouts` maps variable-path patterns (regular expressions, as in
+    `LayoutMap`) to axis tuples. Each process passes its own share of the
+    data, as with `start_multi_worker()` (`auto_shard_dataset=False`).
+    """
+    mesh = keras.distribution.DeviceMesh(devices.shape, list(axis_names), devices=devices)
+    layout_map = keras.distribution.LayoutMap(mesh)
+    for pattern, axes in layouts.items():
+        layout_map[pattern] = tuple(axes)
+    return keras.distribution.ModelParallel(
+        layout_map=layout_map, batch_dim_name=batch_dim_name, auto_shard_dataset=False)
 
 
 def multi_worker():
@@ -206,14 +244,78 @@ def _predict_padded(method, replicas):
     return predict
 
 
-def host_views(variables) -> Iterator[np.ndarray]:
-    """A host view of each variable."""
-    return (np.asarray(v.value) for v in variables)
+def read_into(variable, out: np.ndarray | None = None) -> np.ndarray:
+    """`variable`'s whole value on the host, copied into `out` (or a new array).
+
+    A replicated variable is read from one device. A sharded one is
+    assembled shard by shard (`addressable_shards`, each at its `index`),
+    so no second whole copy exists on the host; a shard held by several
+    devices is read once. When this process does not hold every shard (a
+    model axis across processes) the shards are gathered with
+    `process_allgather`, a collective: then every process must read the
+    same variables in the same order.
+    """
+    array = variable.value
+    tiles = None if array.is_fully_replicated else _tiles(array.addressable_shards, array.shape)
+    if tiles is not None:
+        return _assemble(tiles, array, out)
+    view = (np.asarray(array) if array.is_fully_replicated or array.is_fully_addressable
+            else np.asarray(multihost_utils.process_allgather(array, tiled=True)))
+    if out is None:
+        return np.array(view)
+    np.copyto(out, view)
+    return out
+
+
+def assign_value(variable, value: np.ndarray) -> None:
+    """Assigns the host array `value` to `variable`, each device receiving only its shard."""
+    array = variable.value
+    value = np.asarray(value).astype(array.dtype, copy=False)
+    variable.assign(jax.make_array_from_callback(
+        array.shape, array.sharding, lambda index: value[index]))
+
+
+def _tiles(shards, shape: tuple[int, ...]) -> dict[tuple, Any] | None:
+    """`shards` by the tile of the array they hold (the lowest replica of each), or None
+    when they do not cover the whole array (part of it lives on other processes)."""
+    tiles: dict[tuple, Any] = {}
+    for shard in sorted(shards, key=lambda s: s.replica_id):
+        tiles.setdefault(tuple(s.indices(n)[:2] for s, n in zip(shard.index, shape)), shard)
+    covered = sum(math.prod(stop - start for start, stop in tile) for tile in tiles)
+    return tiles if covered == math.prod(shape) else None
+
+
+def _assemble(tiles: dict[tuple, Any], array, out: np.ndarray | None = None) -> np.ndarray:
+    if out is None:
+        out = np.empty(array.shape, array.dtype)
+    for shard in tiles.values():
+        out[shard.index] = np.asarray(shard.data)
+    return out
 
 
 def replica_values(variable) -> list[np.ndarray]:
-    """Every replica's value of `variable` in this process, on the host."""
-    return [np.asarray(shard.data) for shard in variable.value.addressable_shards]
+    """Every replica's whole value of `variable` in this process, on the host.
+
+    A sharded variable's replica is assembled from its shards.
+
+    Raises:
+        ValueError: no replica of `variable` is whole in this process.
+    """
+    array = variable.value
+    if array.is_fully_replicated:
+        return [np.asarray(shard.data) for shard in array.addressable_shards]
+    replicas: dict[int, list[Any]] = {}
+    for shard in array.addressable_shards:
+        replicas.setdefault(shard.replica_id, []).append(shard)
+    tiled = [_tiles(shards, array.shape) for shards in replicas.values()]
+    values = [_assemble(tiles, array) for tiles in tiled if tiles is not None]
+    if not values:
+        raise ValueError(
+            f"Variable {variable.path!r} is sharded across processes: no process holds "
+            "all of it, so it cannot be read without a collective. Lay the model axis "
+            "of the mesh out within each process (model_parallel() does by default)."
+        )
+    return values
 
 
 def compile_function(fn):

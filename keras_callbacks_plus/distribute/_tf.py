@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import keras
 import numpy as np
@@ -56,6 +56,28 @@ def device_distribution(devices: tuple[str, ...]):
 def num_replicas(distribution) -> int:
     """How many replicas `distribution` (a strategy) trains on."""
     return distribution.num_replicas_in_sync
+
+
+# Keras 3's TensorFlow `distribution_lib` is a prototype marked "DO NOT USE".
+_NO_MODEL_PARALLEL = (
+    "model_parallel() needs the JAX backend: Keras 3 has no supported model-parallel "
+    "distribution on TensorFlow (keras.distribution.ModelParallel runs on JAX; the "
+    "TensorFlow side of keras.distribution is an unfinished prototype). Run with "
+    "KERAS_BACKEND=jax (the same code then shards the model over GPUs, TPUs or host "
+    "devices), or train on TensorFlow with data_parallel(). Received: "
+    "KERAS_BACKEND='tensorflow'"
+)
+
+
+def mesh_devices(names: tuple[str, ...] | None) -> list[Any]:
+    """Model parallelism is JAX-only: raises."""
+    raise NotImplementedError(_NO_MODEL_PARALLEL)
+
+
+def model_parallel_distribution(devices: np.ndarray, axis_names: tuple[str, ...],
+                                layouts: dict[str, tuple], batch_dim_name: str):
+    """Model parallelism is JAX-only: raises."""
+    raise NotImplementedError(_NO_MODEL_PARALLEL)
 
 
 def multi_worker():
@@ -168,9 +190,18 @@ def guard_method(name: str, method: Callable, replicas: int) -> tuple[Callable, 
     return method, None
 
 
-def host_views(variables) -> Iterator[np.ndarray]:
-    """A host view of each variable: of its primary replica for a mirrored one."""
-    return (np.asarray(v.value.read_value()) for v in variables)
+def read_into(variable, out: np.ndarray | None = None) -> np.ndarray:
+    """`variable`'s value on the host (its primary replica for a mirrored one), into `out`."""
+    view = np.asarray(variable.value.read_value())
+    if out is None:
+        return np.array(view)
+    np.copyto(out, view)
+    return out
+
+
+def assign_value(variable, value: np.ndarray) -> None:
+    """Assigns the host array `value` to `variable` (every replica of a mirrored one)."""
+    variable.assign(value)
 
 
 def replica_values(variable) -> list[np.ndarray]:

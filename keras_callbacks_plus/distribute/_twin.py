@@ -29,18 +29,43 @@ _SCOPED_METHODS = (
 )
 
 
-def _clone(model: keras.Model) -> keras.Model:
+def check_template(model: Any, owner: str, needs: str) -> None:
+    """Raises unless `model` is a built `keras.Model` and not a twin.
+
+    Args:
+        model: what was passed as the template.
+        owner: the function, for messages (`"data_parallel()"`).
+        needs: what it does with the weights (`"replicate"`).
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"{owner} expects a keras.Model. Received: {type(model).__name__}")
+    distribution = _base.twin_distribution(model)
+    if distribution is not None:
+        kind = ("model-parallel" if isinstance(distribution, keras.distribution.ModelParallel)
+                else "data-parallel")
+        raise ValueError(
+            f"Model {model.name!r} is already a {kind} twin. Pass the template model to {owner}."
+        )
+    if not model.built:
+        raise ValueError(
+            f"Model {model.name!r} is not built, so it has no weights to {needs}. Build it or "
+            "call it first: model.build(input_shape) or model(x) on one batch, or give it an "
+            "Input layer."
+        )
+
+
+def _clone(model: keras.Model, owner: str = "data_parallel()") -> keras.Model:
     try:
         twin = keras.models.clone_model(model, recursive=True)
     except Exception as error:
         if "not the same on each process" in str(error):
             raise ValueError(
-                f"data_parallel() could not create the twin of model {model.name!r}: the JAX "
+                f"{owner} could not create the twin of model {model.name!r}: the JAX "
                 "processes drew different initial values. Call keras.utils.set_random_seed() "
                 "with the same seed on every process (or on none) before building models."
             ) from error
         raise ValueError(
-            f"data_parallel() could not rebuild model {model.name!r}: {error}. "
+            f"{owner} could not rebuild model {model.name!r}: {error}. "
             "Functional and Sequential models clone as they are; a subclassed "
             "model needs get_config() (and from_config() if its constructor "
             "takes non-serializable arguments)."
@@ -50,9 +75,9 @@ def _clone(model: keras.Model) -> keras.Model:
         shape = (model.get_build_config() or {}).get("input_shape")
         if shape is None:
             raise ValueError(
-                f"data_parallel() could not build the copy of model {model.name!r}: "
+                f"{owner} could not build the copy of model {model.name!r}: "
                 "it has no recorded input shape. Build it by calling it on data "
-                "once (model(x)) before data_parallel()."
+                f"once (model(x)) before {owner}."
             )
         twin(keras.tree.map_shape_structure(
             lambda s: np.zeros([1 if d is None else d for d in s], "float32"), shape
@@ -190,16 +215,18 @@ def _named(role: str, model: keras.Model) -> str:
     return f"{role} {model.name!r}" if role else repr(model.name)
 
 
-def copy_weights(source: keras.Model, target: keras.Model) -> None:
+def copy_weights(source: keras.Model, target: keras.Model,
+                 transfer: Callable[[Any, Any], None] | None = None) -> None:
     """Copies every weight, trainable or not, from `source` to `target`.
 
-    Works both ways between a data-parallel twin and its template: into a
-    twin, each value goes to every replica. Afterwards the two models predict
-    the same.
+    The public `distribute.copy_weights` (which passes `transfer` for
+    model-parallel twins).
 
     Args:
         source: the model to read weights from.
         target: a model of the same architecture to write them into.
+        transfer: copies one variable into another. Defaults to `None`:
+            `target.set_weights(source.get_weights())`.
 
     Raises:
         ValueError: the models' weights differ in number or shape.
@@ -210,7 +237,11 @@ def copy_weights(source: keras.Model, target: keras.Model) -> None:
         raise ValueError(
             f"copy_weights() needs two models of the same architecture: {error}"
         ) from None
-    target.set_weights(source.get_weights())
+    if transfer is None:
+        target.set_weights(source.get_weights())
+        return
+    for from_variable, to_variable in zip(source.weights, target.weights):
+        transfer(from_variable, to_variable)
 
 
 def scope(model: keras.Model) -> Any:

@@ -3,7 +3,8 @@
 Importing it quiets TensorFlow's C++ logs and makes tests/helpers.py
 importable. `join_workers()` joins the multi-worker job that
 `helpers.launch_workers` describes in the environment (call it before the
-backend computes anything); `report(**fields)` prints the one JSON line that
+backend computes anything); `count_local_writes()` records the files this
+process writes; `report(**fields)` prints the one JSON line that
 `helpers.assert_workers_succeeded` returns for this worker.
 """
 
@@ -40,6 +41,25 @@ def weights_digest(weights: Iterable[Any]) -> str:
     import numpy as np
 
     return hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in weights)).hexdigest()
+
+
+def count_local_writes() -> list[str]:
+    """Records every file this process writes through the package's local storage.
+
+    Returns the list the paths are appended to (the chief of a job writes;
+    the others must not).
+    """
+    from keras_callbacks_plus import _storage
+
+    writes: list[str] = []
+    write_with = _storage.LocalStorage.write_with
+
+    def counting_write_with(self, target, write):
+        writes.append(str(target))
+        return write_with(self, target, write)
+
+    _storage.LocalStorage.write_with = counting_write_with
+    return writes
 
 
 def report(**fields: Any) -> None:

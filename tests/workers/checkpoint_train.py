@@ -11,7 +11,7 @@
 import os
 import sys
 
-from _worker import join_workers, report
+from _worker import count_local_writes, join_workers, report
 
 mode, where = sys.argv[1], sys.argv[2]
 
@@ -21,7 +21,7 @@ if mode == "multi":
 import keras  # noqa: E402
 from helpers import build_tiny_model, make_tiny_data  # noqa: E402
 
-from keras_callbacks_plus import ParallelModelCheckpoint, _storage, distribute  # noqa: E402
+from keras_callbacks_plus import ParallelModelCheckpoint, distribute  # noqa: E402
 
 x, y = make_tiny_data(64)
 
@@ -30,16 +30,7 @@ if mode == "load":
     report(predictions=model.predict(x, verbose=0).tolist())
     sys.exit(0)
 
-writes = []
-_write_with = _storage.LocalStorage.write_with
-
-
-def counting_write_with(self, target, write):
-    writes.append(str(target))
-    return _write_with(self, target, write)
-
-
-_storage.LocalStorage.write_with = counting_write_with
+writes = count_local_writes()
 
 if mode == "crash":
     model = build_tiny_model()
