@@ -148,7 +148,7 @@ class Probe:
 
 
 def install_probe() -> Probe:
-    from keras_callbacks_plus import _async, _keras_format, _snapshot, _storage, _writer
+    from keras_callbacks_plus import _async, _commit, _keras_format, _snapshot, _storage, _writer
 
     probe = Probe()
     probe.wrap(_writer.CheckpointWriter, "write", "write job", job=True)
@@ -158,7 +158,7 @@ def install_probe() -> Probe:
     probe.wrap(_keras_format, "_crc32_of_region", "zip CRC-32 of the h5 member")
     probe.wrap(_storage, "_fsync_file", "fsync")
     probe.wrap(_storage, "_fsync_dir", "fsync")
-    probe.wrap(_storage, "write_sidecar", "sidecar (its own fsync included)")
+    probe.wrap(_commit, "write_sidecar", "sidecar (its own fsync included)")
     probe.wrap(_writer, "_save_npz", "state arrays")
     probe.wrap(_snapshot.Snapshotter, "take", "snapshot")
     probe.wrap(_async.AsyncWriter, "wait_until_finished", "waiting for the writer")
