@@ -29,13 +29,20 @@ if BACKEND == "jax":
     import jax
 
     # Most tests build the same tiny models, so XLA compiles the same programs
-    # again and again: a compilation cache shared by this run's tests only
-    # (a fresh folder, removed at exit) compiles each once. Every step is
-    # still traced and lowered, so the package's code runs as without it.
+    # again and again: a compilation cache shared by this run's tests and the
+    # Python processes they start (through the environment; a fresh folder,
+    # removed at exit) compiles each once. Every step is still traced and
+    # lowered, so the package's code runs as without it. Two processes that
+    # compile one program at once may find an entry half written: JAX then
+    # warns and compiles it itself.
     _cache = tempfile.mkdtemp(prefix="kcp-tests-xla-cache-")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache,
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     jax.config.update("jax_compilation_cache_dir", _cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 elif BACKEND == "tensorflow":
     import tensorflow as tf
 

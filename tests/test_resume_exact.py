@@ -40,7 +40,7 @@ def _finish(process, timeout=600):
 
 @pytest.mark.slow
 def test_interrupted_runs_resume_bit_identically(tmp_path):
-    env = subprocess_env()
+    env = subprocess_env()  # with the run's JAX compilation cache (conftest.py)
     # The SIGKILL runs go beside the SIGTERM runs, on the other core: 3 epochs of 6 batches,
     # a checkpoint every 3, so the n-th save is at batch 3n.
     kills = {kind: random.Random(kind).randrange(1, 6) for kind in KINDS}
