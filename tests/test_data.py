@@ -1,5 +1,6 @@
 """Tests of HDF5Sequence, on both backends."""
 
+import multiprocessing
 import pickle
 
 import h5py
@@ -99,10 +100,23 @@ def test_fit_with_validation_learns(h5_file):
     assert len(history.history["val_loss"]) == 8
 
 
-@pytest.mark.parametrize("multiprocessing", [False, True])
-def test_workers(h5_file, multiprocessing):
+@pytest.fixture
+def spawned_workers():
+    """Worker processes started by "spawn", as README's HDF5Sequence section advises: a process
+    forked from one whose TensorFlow or JAX threads hold a lock can wait on it forever."""
+    method = multiprocessing.get_start_method()
+    multiprocessing.set_start_method("spawn", force=True)
+    yield
+    multiprocessing.set_start_method(method, force=True)
+
+
+@pytest.mark.parametrize("use_multiprocessing", [False, True])
+def test_workers(h5_file, use_multiprocessing, request):
     path, _, _ = h5_file
-    seq = HDF5Sequence(path, batch_size=16, workers=2, use_multiprocessing=multiprocessing, seed=2)
+    if use_multiprocessing:
+        request.getfixturevalue("spawned_workers")
+    seq = HDF5Sequence(path, batch_size=16, workers=2, use_multiprocessing=use_multiprocessing,
+                       seed=2)
     model = build_tiny_model()
     model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
     history = model.fit(seq, epochs=2, verbose=0)
