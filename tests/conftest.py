@@ -2,8 +2,8 @@
 
 The suite runs once per backend (`KERAS_BACKEND=tensorflow`, then `jax`). This
 file runs before keras is imported, so it can give each backend two CPU
-devices: two logical CPUs on TensorFlow, two host devices on JAX (which also
-gets a compilation cache for this run).
+devices: two logical CPUs on TensorFlow, two host devices on JAX; and on both
+an XLA compilation cache for this run and the processes it starts.
 """
 
 from __future__ import annotations
@@ -44,6 +44,13 @@ if BACKEND == "jax":
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 elif BACKEND == "tensorflow":
+    # Keras compiles TensorFlow train steps with XLA: the same cache, for the
+    # XLA programs of this run and of the Python processes it starts.
+    _cache = tempfile.mkdtemp(prefix="kcp-tests-xla-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["TF_XLA_FLAGS"] = " ".join(filter(None, [
+        os.environ.get("TF_XLA_FLAGS"), f"--tf_xla_persistent_cache_directory={_cache}"]))
+
     import tensorflow as tf
 
     _cpu = tf.config.list_physical_devices("CPU")[0]

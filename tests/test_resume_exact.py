@@ -7,7 +7,8 @@ interruption; then once stopped by SIGTERM at 10 random batches in a row
 (each stop resumed in the same process from its preemption checkpoint:
 the end of that chain must equal the uninterrupted run); separately, killed
 by SIGKILL right after a batch-frequency checkpoint was committed. Then a new
-process resumes every one of those checkpoints and trains to the end.
+process per kind resumes every one of those checkpoints and trains to the end.
+The processes of the three kinds run side by side.
 Weights and optimizer variables must equal the uninterrupted run's exactly.
 """
 
@@ -24,9 +25,22 @@ KINDS = ("arrays", "shuffled", "hdf5")
 SIGTERMS = 10
 
 
-def _start(args, env):
-    return subprocess.Popen([sys.executable, SCRIPT, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+@pytest.fixture
+def start():
+    """Starts tests/workers/resume_exact.py; whatever still runs at the test's end is killed."""
+    started = []
+
+    def _start(args, env):
+        process = subprocess.Popen([sys.executable, SCRIPT, *args], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started.append(process)
+        return process
+
+    yield _start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
 
 
 def _finish(process, timeout=600):
@@ -39,25 +53,32 @@ def _finish(process, timeout=600):
 
 
 @pytest.mark.slow
-def test_interrupted_runs_resume_bit_identically(tmp_path):
-    env = subprocess_env()  # with the run's JAX compilation cache (conftest.py)
-    # The SIGKILL runs go beside the SIGTERM runs, on the other core: 3 epochs of 6 batches,
-    # a checkpoint every 3, so the n-th save is at batch 3n.
-    kills = {kind: random.Random(kind).randrange(1, 6) for kind in KINDS}
-    interrupt = _start(["interrupt", str(tmp_path), "0", str(SIGTERMS)], env)
-    for kind, n in kills.items():
-        code, _, err = _finish(_start(["kill", str(tmp_path), kind, str(n)],
-                                      {**env, "KCP_TEST_CRASH_AT": f"sidecar_written:{n}"}))
+def test_interrupted_runs_resume_bit_identically(tmp_path, start):
+    env = subprocess_env()  # with the run's XLA compilation cache (conftest.py)
+    # One process per kind of data, side by side on the two cores; the SIGKILL runs beside them:
+    # 3 epochs of 6 batches, a checkpoint every 3, so the n-th save is at batch 3n.
+    interrupts = {kind: start(["interrupt", str(tmp_path), kind, "0", str(SIGTERMS)], env)
+                  for kind in KINDS}
+    for kind in KINDS:
+        n = random.Random(kind).randrange(1, 6)
+        code, _, err = _finish(start(["kill", str(tmp_path), kind, str(n)],
+                                     {**env, "KCP_TEST_CRASH_AT": f"sidecar_written:{n}"}))
         assert code == -9, err[-3000:]
-    code, out, err = _finish(interrupt)
-    assert code == 0, err[-3000:]
-    chains = json.loads(out.splitlines()[-1])
+    chains = {}
+    for kind, process in interrupts.items():
+        code, out, err = _finish(process)
+        assert code == 0, err[-3000:]
+        chains[kind] = json.loads(out.splitlines()[-1])
     assert {kind: chain["chain_max_diff"] for kind, chain in chains.items()} == dict.fromkeys(
         KINDS, 0.0), chains
 
-    code, out, err = _finish(_start(["resume", str(tmp_path)], env))
-    assert code == 0, err[-3000:]
-    report = json.loads(out.splitlines()[-1])
+    # Then each kind's checkpoints resumed in a new process, again side by side.
+    resumes = {kind: start(["resume", str(tmp_path), kind], env) for kind in KINDS}
+    report = {}
+    for process in resumes.values():
+        code, out, err = _finish(process)
+        assert code == 0, err[-3000:]
+        report.update(json.loads(out.splitlines()[-1]))
     assert len(report) == len(KINDS) * (SIGTERMS + 1), sorted(report)
     assert {run: r["max_diff"] for run, r in report.items()} == dict.fromkeys(report, 0.0), (
         chains, report)

@@ -6,18 +6,18 @@ ActivationLogger, ParallelModelCheckpoint) on one of three kinds of data:
 `arrays` (shuffle=False), `shuffled` (arrays, shuffle=True, seeded) and
 `hdf5` (a shuffled, seeded HDF5Sequence). 3 epochs of 6 batches.
 
-* `interrupt DIR SEED COUNT`: for each kind, the uninterrupted run (its
-  final weights and optimizer variables into DIR/<kind>/reference.npz), then
-  one run that SIGTERM stops COUNT times at random batches, each time
-  resumed in this process from the checkpoint that preemption wrote (into
-  DIR/<kind>/sigterm_<i>) and continued; prints one JSON line: the signal
-  batches and, per kind, how far the end of that chain is from the reference.
+* `interrupt DIR KIND SEED COUNT`: the uninterrupted run (its final weights
+  and optimizer variables into DIR/KIND/reference.npz), then one run that
+  SIGTERM stops COUNT times at random batches, each time resumed in this
+  process from the checkpoint that preemption wrote (into DIR/KIND/sigterm_<i>)
+  and continued; prints one JSON line: the signal batches and how far the end
+  of that chain is from the reference.
 * `kill DIR KIND N`: one run with a checkpoint every 3 batches, into
   DIR/KIND/kill_<N>, killed by SIGKILL right after its N-th save was
   committed (`KCP_TEST_CRASH_AT`, set by the test).
-* `resume DIR`: resumes every interrupted run of DIR in this new process,
-  trains it to the end, and prints one JSON line: per run, the epoch it
-  resumed at and the largest difference of its weights and optimizer
+* `resume DIR KIND`: resumes every interrupted run of DIR/KIND in this new
+  process, trains it to the end, and prints one JSON line: per run, the epoch
+  it resumed at and the largest difference of its weights and optimizer
   variables from the reference.
 
 A twin is reused from run to run (its compiled functions too); `resume()`
@@ -137,43 +137,38 @@ def load_reference(folder):
         return [stored[f"arr_{i}"] for i in range(len(stored.files))]
 
 
-mode, directory = sys.argv[1], sys.argv[2]
+mode, directory, kind = sys.argv[1], sys.argv[2], sys.argv[3]
+assert kind in KINDS, kind
+folder = os.path.join(directory, kind)
 if mode == "interrupt":
-    seed, count = int(sys.argv[3]), int(sys.argv[4])
-    report = {}
-    for kind in KINDS:
-        folder = os.path.join(directory, kind)
-        os.makedirs(folder, exist_ok=True)
-        template, model = twin()
-        fit(model, data(folder, kind), kind, callbacks(os.path.join(folder, "reference"), template))
-        np.savez(os.path.join(folder, "reference.npz"), *state(model))
-        times = sorted(random.Random(f"{seed}-{kind}").sample(range(1, EPOCHS * STEPS), count))
-        template, model = twin()
-        runs = [os.path.join(folder, f"sigterm_{i}") for i in range(count)]
-        fit(model, data(folder, kind), kind, [SignalAt(times[0]), *callbacks(runs[0], template)])
-        for at, previous, run in zip(times[1:], runs, runs[1:]):
-            # Each run continues from the previous one's preemption checkpoint.
-            resume_and_fit(model, template, previous, run, kind, extra=[SignalAt(at)])
-        resume_and_fit(model, template, runs[-1], os.path.join(folder, "chain_end"), kind)
-        report[kind] = {"signal_batches": times,
-                        "chain_max_diff": max_diff(model, load_reference(folder))}
-    print(json.dumps(report))
+    seed, count = int(sys.argv[4]), int(sys.argv[5])
+    os.makedirs(folder, exist_ok=True)
+    template, model = twin()
+    fit(model, data(folder, kind), kind, callbacks(os.path.join(folder, "reference"), template))
+    np.savez(os.path.join(folder, "reference.npz"), *state(model))
+    times = sorted(random.Random(f"{seed}-{kind}").sample(range(1, EPOCHS * STEPS), count))
+    template, model = twin()
+    runs = [os.path.join(folder, f"sigterm_{i}") for i in range(count)]
+    fit(model, data(folder, kind), kind, [SignalAt(times[0]), *callbacks(runs[0], template)])
+    for at, previous, run in zip(times[1:], runs, runs[1:]):
+        # Each run continues from the previous one's preemption checkpoint.
+        resume_and_fit(model, template, previous, run, kind, extra=[SignalAt(at)])
+    resume_and_fit(model, template, runs[-1], os.path.join(folder, "chain_end"), kind)
+    print(json.dumps({"signal_batches": times,
+                      "chain_max_diff": max_diff(model, load_reference(folder))}))
 elif mode == "kill":
-    kind, n = sys.argv[3], sys.argv[4]
-    folder = os.path.join(directory, kind)
+    n = sys.argv[4]
     template, model = twin()
     fit(model, data(folder, kind), kind, callbacks(os.path.join(folder, f"kill_{n}"), template, 3))
     sys.exit(3)  # the crash point was never reached
 elif mode == "resume":
     report = {}
-    for kind in KINDS:
-        folder = os.path.join(directory, kind)
-        expected = load_reference(folder)
-        template, model = twin()
-        for run in sorted(os.listdir(folder)):
-            if run.startswith(("sigterm_", "kill_")):
-                initial_epoch = resume_and_fit(model, template, os.path.join(folder, run),
-                                               os.path.join(folder, "resumed", run), kind)
-                report[f"{kind}/{run}"] = {"initial_epoch": initial_epoch,
-                                           "max_diff": max_diff(model, expected)}
+    expected = load_reference(folder)
+    template, model = twin()
+    for run in sorted(os.listdir(folder)):
+        if run.startswith(("sigterm_", "kill_")):
+            initial_epoch = resume_and_fit(model, template, os.path.join(folder, run),
+                                           os.path.join(folder, "resumed", run), kind)
+            report[f"{kind}/{run}"] = {"initial_epoch": initial_epoch,
+                                       "max_diff": max_diff(model, expected)}
     print(json.dumps(report))
