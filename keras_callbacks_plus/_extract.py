@@ -5,8 +5,8 @@ over the model's own layers (shared, never copied; nested models are traced
 again so that their inner outputs become tensors of the outer graph). The
 extractor runs through `Model.stateless_call`: the model's variable values go
 in, the updates come back and are dropped, so nothing the model holds
-changes. `Evaluator` compiles it once per phase, returning the outputs or
-their streamed statistics (`_activation_stats`).
+changes. `Evaluator` compiles it once per phase (and input shape), returning
+the outputs or their streamed statistics (`_activation_stats`).
 
 Only layers with a symbolic output can be read: those of a Functional or
 Sequential model, and of the graph models nested in it (not the sublayers of
@@ -22,8 +22,8 @@ import keras
 import numpy as np
 
 from keras_callbacks_plus import _layers, distribute
-from keras_callbacks_plus._activation_stats import Stats
-from keras_callbacks_plus._activation_stats import summarize as summarize_outputs
+from keras_callbacks_plus._activation_sketch import SIZE as SKETCH_SIZE
+from keras_callbacks_plus._activation_stats import Layout, Stats, stage, summarize
 
 # ---------------------------------------------------------------- layers
 
@@ -153,85 +153,154 @@ def _build_extractor(model: keras.Model, paths: Sequence[str]) -> tuple[keras.Mo
 # ------------------------------------------------------------ evaluation
 
 
+def _graph_function(fn):
+    """`fn` traced once per input shape into the backend's graph.
+
+    `jax.jit` on JAX; on TensorFlow a `tf.function` without XLA: its CPU
+    convolutions (oneDNN) are several times faster than XLA's, and tracing a
+    model-sized graph takes seconds where XLA takes a minute.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn)
+    return distribute.compile_function(fn)
+
+
+def _is_float(variable) -> bool:
+    return "float" in str(variable.dtype)
+
+
+class _Forward:
+    """The extractor's stateless forward stage, compiled once per phase and input shape.
+
+    On TensorFlow (one device) the graph reads the weights itself: passing a
+    few hundred tensors into a `tf.function` costs more than the forward pass
+    of a small model. Only the integer state (seed generators) goes in and
+    out, so that it moves on from batch to batch as in a real epoch; the
+    updates are dropped after the probe. JAX passes the whole state.
+    """
+
+    def __init__(self, extractor: keras.Model, fn, captured: bool):
+        self.extractor, self.captured = extractor, captured
+        variables = extractor.non_trainable_variables
+        self._carried = [i for i, v in enumerate(variables) if not _is_float(v)]
+        if not captured:
+            self._function = _graph_function(fn)
+            return
+
+        def run(x, carried):
+            trainable = [v.value for v in extractor.trainable_variables]
+            non_trainable = [v.value for v in variables]
+            for i, value in zip(self._carried, carried):
+                non_trainable[i] = value
+            result, after = fn(trainable, non_trainable, x)
+            return result, [after[i] for i in self._carried]
+
+        self._function = _graph_function(run)
+
+    def start(self, local: bool):
+        """The state the first batch starts from (this worker's first replica if `local`)."""
+        def values(variables):
+            if local:
+                return [keras.ops.convert_to_tensor(distribute.local_value(v)) for v in variables]
+            return [keras.ops.convert_to_tensor(v) for v in variables]
+
+        non_trainable = self.extractor.non_trainable_variables
+        if self.captured:
+            return values([non_trainable[i] for i in self._carried])
+        return values(self.extractor.trainable_variables), values(non_trainable)
+
+    def __call__(self, x, state):
+        """`(result, state for the next batch)`."""
+        if self.captured:
+            return self._function(x, state)
+        trainable, non_trainable = state
+        result, non_trainable = self._function(trainable, non_trainable, x)
+        return result, (trainable, non_trainable)
+
+
+_summarize_function = None
+
+
+def _summarize(*args):
+    """`summarize`, compiled once per process (XLA on both backends), traced per buffer shape."""
+    global _summarize_function
+    if _summarize_function is None:
+        _summarize_function = distribute.compile_function(summarize)
+    return _summarize_function(*args)
+
+
+def _shapes(x) -> tuple:
+    return tuple(tuple(np.shape(leaf)) for leaf in keras.tree.flatten(x))
+
+
 class Evaluator:
     """Runs the chosen layers of a model statelessly, compiled once per phase."""
 
     def __init__(self, model: keras.Model, paths: Sequence[str]):
         self.paths = list(paths)
         self.extractor, self.names = _build_extractor(model, paths)
-        self._functions: dict[tuple, Any] = {}
+        self._forwards: dict[tuple, _Forward] = {}
+        # (phase, sample_values, input shapes) -> Layout, recorded while tracing.
+        self._layouts: dict[tuple, Layout] = {}
 
-    def _function(self, training: bool, summarize: bool, sample_values: int | None = None,
-                  finite_only: bool = False):
-        key = (training, summarize, sample_values, finite_only)
-        if key not in self._functions:
+    @staticmethod
+    def _local(model: keras.Model) -> bool:
+        """Whether to evaluate this worker's first replica (data-parallel twin, several workers).
+
+        Reading it involves no collective, so the evaluation runs on one device.
+        """
+        return distribute.num_replicas(model) > 1 or distribute.num_workers() > 1
+
+    def _forward(self, training: bool, summary: bool, sample_values: int | None,
+                 local: bool) -> _Forward:
+        key = (training, summary, sample_values, local)
+        if key not in self._forwards:
             extractor = self.extractor
 
-            def run(trainable, non_trainable, x, edges):
+            def run(trainable, non_trainable, x):
                 outputs, non_trainable = extractor.stateless_call(
                     trainable, non_trainable, x, training=training
                 )
                 outputs = keras.tree.flatten(outputs)
-                if not summarize:
+                if not summary:
                     return outputs, non_trainable
-                summary = summarize_outputs(outputs, edges, sample_values, finite_only)
-                return summary, non_trainable
+                rows, sample, layout = stage(outputs, sample_values)
+                self._layouts[(training, sample_values, _shapes(x))] = layout
+                return (rows, sample), non_trainable
 
-            self._functions[key] = distribute.compile_function(run)
-        return self._functions[key]
-
-    def state(self, model: keras.Model):
-        """The current values of the extractor's variables, without copying where possible.
-
-        A data-parallel twin's variables live on several devices (and maybe
-        workers); this worker's first replica is read to the host, so the
-        evaluation runs on one device and involves no collective.
-        """
-        local = distribute.num_replicas(model) > 1 or distribute.num_workers() > 1
-
-        def values(variables):
-            if local:
-                return [keras.ops.convert_to_tensor(distribute.local_value(v)) for v in variables]
-            return [keras.ops.convert_to_tensor(v) for v in variables]
-
-        return (values(self.extractor.trainable_variables),
-                values(self.extractor.non_trainable_variables))
+            captured = keras.backend.backend() == "tensorflow" and not local
+            self._forwards[key] = _Forward(extractor, run, captured)
+        return self._forwards[key]
 
     def outputs(self, model, x, training: bool) -> list[np.ndarray]:
-        trainable, non_trainable = self.state(model)
-        outputs, _ = self._function(training, False)(trainable, non_trainable, x, None)
+        local = self._local(model)
+        forward = self._forward(training, False, None, local)
+        outputs, _ = forward(x, forward.start(local))
         return [keras.ops.convert_to_numpy(y) for y in outputs]
 
-    def statistics(self, model, batches, training: bool, edges: np.ndarray,
-                   keep_histogram: bool = True, sample_values: int | None = None) -> Stats:
-        """Streams `batches` through the layers; `edges` has shape `(outputs, bins + 1)`.
+    def statistics(self, model, batches, training: bool,
+                   sample_values: int | None = None) -> Stats:
+        """Streams `batches` through the layers: the statistics and sketch of every output.
 
-        With `keep_histogram=False` the edges are placeholders (the first
-        pass, which finds the range) and the histogram is dropped; the same
-        compiled function serves both passes. `sample_values` as in
-        `summarize`.
+        `sample_values` as in `_activation_stats`.
         """
-        trainable, non_trainable = self.state(model)
-        function = self._function(training, True, sample_values)
-        edges = keras.ops.convert_to_tensor(np.asarray(edges, np.float32))
+        local = self._local(model)
+        forward = self._forward(training, True, sample_values, local)
+        state = forward.start(local)
         stats = Stats(len(self.names))
-
-        def summarize(function, x, non_trainable):
-            summary, after = function(trainable, non_trainable, x, edges)
-            return {k: keras.ops.convert_to_numpy(v) for k, v in summary.items()}, after
-
+        accumulator = keras.ops.zeros((len(self.names) * SKETCH_SIZE + 1,), "int32")
         for x in batches:
-            # Seed states move on from batch to batch, as in a real epoch;
-            # the updates are dropped after the probe.
-            summary, after = summarize(function, x, non_trainable)
-            if not np.all(np.isfinite(summary["sum"])):
-                # Some value is not finite: the same batch again, masking them.
-                masked = self._function(training, True, sample_values, finite_only=True)
-                summary, _ = summarize(masked, x, non_trainable)
-            non_trainable = after
-            if not keep_histogram:
-                summary.pop("histogram")
-            stats.add(summary)
+            (rows, sample), state = forward(x, state)
+            layout = self._layouts[(training, sample_values, _shapes(x))]
+            reductions, tails, accumulator = _summarize(
+                rows, sample, layout.block_base, layout.tail_rows, accumulator
+            )
+            stats.add(layout, keras.ops.convert_to_numpy(reductions),
+                      keras.ops.convert_to_numpy(tails), rows)
+        counts = keras.ops.convert_to_numpy(accumulator)[:-1]
+        stats.sketch = counts.reshape(len(self.names), SKETCH_SIZE)
         return stats
 
 
