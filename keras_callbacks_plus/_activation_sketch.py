@@ -208,8 +208,9 @@ def choose_edges(sketch: Sketch, low: np.ndarray, high: np.ndarray, bins: int,
     """This epoch's edges `(outputs, bins + 1)`: the previous ones while they fit, else new ones.
 
     New edges cover the sampled 0.1 and 99.9 percentiles widened by 10% of
-    their distance (but not beyond the exact min and max), so a few outliers
-    do not squeeze the bins. The previous edges stay (so epochs compare) as
+    their distance on each side: a few outliers do not squeeze the bins, and
+    a value piled up at the min or max (a ReLU's zeros, a saturated
+    activation) stays inside when the distribution moves a little. The previous edges stay (so epochs compare) as
     long as at most 1% of this epoch's sampled values fall outside them and
     new edges would not be more than 4 times narrower; a distribution that
     grows or moves gets new edges in the epoch it does, so the share outside
@@ -226,7 +227,7 @@ def choose_edges(sketch: Sketch, low: np.ndarray, high: np.ndarray, bins: int,
             result[i] = previous[i] if previous is not None else aligned_edges(-1.0, 1.0, bins)
             continue
         margin = MARGIN * (q_high - q_low)
-        fresh = aligned_edges(max(q_low - margin, low[i]), min(q_high + margin, high[i]), bins)
+        fresh = aligned_edges(q_low - margin, q_high + margin, bins)
         if kept is not None and kept[i]:
             old_span = previous[i, -1] - previous[i, 0]
             if (fresh[-1] - fresh[0]) * SHRINK >= old_span:

@@ -176,8 +176,8 @@ class ActivationLogger(PlusCallback):
     exact values (module docstring).
 
     Histogram edges follow the distribution: at the first logged epoch they
-    cover the sampled 0.1 to 99.9 percentiles (plus 10% of that range, but
-    not beyond the min and max), so a few outliers do not squeeze the bins;
+    cover the sampled 0.1 to 99.9 percentiles plus 10% of that range on each
+    side, so a few outliers do not squeeze the bins;
     later epochs keep them, so epochs compare, as long as at most 1% of the
     values fall outside them and the distribution has not shrunk to a
     quarter of their width, else they are chosen again at that epoch. So a

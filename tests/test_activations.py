@@ -506,6 +506,30 @@ def test_resume_continues_with_the_last_edges(tmp_path):
     assert len(json.dumps(state)) < 100
 
 
+def test_state_stays_small_for_a_model_with_160_outputs(tmp_path):
+    """The state names the run; edges and other per-layer arrays stay in the HDF5 log."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,), name="x")
+    x = inputs
+    for i in range(160):
+        x = keras.layers.Dense(4, activation="tanh", name=f"dense_{i}")(x)
+    model = keras.Model(inputs, x, name="deep")
+    probe = np.random.default_rng(7).normal(size=(16, 4)).astype("float32")
+    logger = ActivationLogger(probe, phases=("test", "train"), h5_path=tmp_path / "act.h5")
+    _run_hooks(logger, model, epochs=(0, 1))
+    assert len(logger._evaluator.names) == 160
+    state = json.dumps(logger.get_state())
+    assert len(state) < 20_000 and json.loads(state) == {"run": "run_000"}
+    resumed = ActivationLogger(probe, phases=("test", "train"), h5_path=tmp_path / "act.h5")
+    resumed.set_state(json.loads(state), arrays=None, directory=str(tmp_path))
+    _run_hooks(resumed, model, epochs=(2,))
+    runs = read_activation_log(tmp_path / "act.h5")
+    assert len(runs) == 1
+    record = runs[0]["layers"]["train"]["dense_159"]
+    assert record["epoch"].tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(record["bin_edges"][2], record["bin_edges"][1])
+
+
 def test_edges_follow_a_distribution_whose_scale_grows_tenfold(tmp_path):
     """The issue's test: at every epoch at most 5% of the values are outside the edges."""
     probe = np.random.default_rng(6).normal(size=(256, 32)).astype("float32")
@@ -693,3 +717,107 @@ def test_multi_worker_only_the_chief_writes_and_logs_agree(tmp_path, launch):
     record = runs[0]["layers"]["test"]["relu"]
     assert record["epoch"].tolist() == [0, 1]
     assert record["zero_frac"].tolist() == reports[0]["logs"]["act/relu/zero_frac"]
+
+
+# ------------------------------------------------------------- object stores
+
+
+def _fit_with_a_reader(tiny_model, tiny_data, logger, url, storage_options=None, epochs=3):
+    """Fits with `logger`; after each epoch another callback reads the log from the store."""
+    seen = []
+
+    class Reader(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            run = read_activation_log(url, storage_options=storage_options)[-1]
+            seen.append(run["layers"]["test"]["relu"]["epoch"].tolist())
+
+    model = tiny_model()
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    model.fit(*tiny_data, **{**FIT, "epochs": epochs}, callbacks=[logger, Reader()])
+    return seen
+
+
+def test_log_on_an_object_store_is_readable_between_epochs(tiny_model, tiny_data):
+    pytest.importorskip("fsspec")
+    import fsspec
+
+    url = f"memory://kcp-activations-{os.getpid()}/runs/act.h5"
+    logger = ActivationLogger(tiny_data[0][:32], layers="relu", h5_path=url)
+    assert _fit_with_a_reader(tiny_model, tiny_data, logger, url) == [[0], [0, 1], [0, 1, 2]]
+    # A second fit appends a run to the stored file; resume continues one.
+    state = logger.get_state()
+    resumed = ActivationLogger(tiny_data[0][:32], layers="relu", h5_path=url)
+    resumed.set_state(state)
+    model = tiny_model()
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    model.fit(*tiny_data, **{**FIT, "epochs": 4}, initial_epoch=3, callbacks=[resumed])
+    runs = read_activation_log(url)
+    assert [r["name"] for r in runs] == ["run_000"]
+    assert runs[0]["layers"]["test"]["relu"]["epoch"].tolist() == [0, 1, 2, 3]
+    fsspec.filesystem("memory").rm(f"/kcp-activations-{os.getpid()}", recursive=True)
+
+
+def test_object_store_arguments_fail_in_the_constructor(tmp_path):
+    probe = np.zeros((4, 8), "float32")
+    with pytest.raises(ImportError, match=r"ActivationLogger: h5_path='gs://b/act.h5' needs .*gcsfs"):
+        ActivationLogger(probe, h5_path="gs://b/act.h5")
+    with pytest.raises(ValueError, match="Invalid value for argument storage_options"):
+        ActivationLogger(probe, h5_path=tmp_path / "a.h5", storage_options={"anon": True})
+    pytest.importorskip("fsspec")
+    with pytest.raises(ValueError, match="nosuchproto"):
+        ActivationLogger(probe, h5_path="nosuchproto://b/act.h5")
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1 with a bucket; nothing leaves this host."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import logging
+    import socket
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                            ("AWS_DEFAULT_REGION", "us-east-1"),
+                            ("AWS_EC2_METADATA_DISABLED", "true")]:
+            patch.setenv(name, value)
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        try:
+            endpoint = f"http://127.0.0.1:{port}"
+            import s3fs
+
+            s3fs.S3FileSystem(key="testing", secret="testing", skip_instance_cache=True,
+                              client_kwargs={"endpoint_url": endpoint,
+                                             "region_name": "us-east-1"}).call_s3(
+                "create_bucket", Bucket="kcp-activations")
+            yield endpoint
+        finally:
+            server.stop()
+
+
+def test_log_on_s3_and_the_report_from_its_url(s3_endpoint, tiny_model, tiny_data, tmp_path,
+                                               capsys):
+    options = {"key": "testing", "secret": "testing",
+               "client_kwargs": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"}}
+    url = "s3://kcp-activations/run/act.h5"
+    logger = ActivationLogger(tiny_data[0][:32], layers=["hidden", "relu"], h5_path=url,
+                              storage_options=options, phases=("test", "train"))
+    assert _fit_with_a_reader(tiny_model, tiny_data, logger, url, options, epochs=2) == [
+        [0], [0, 1]]
+    run = read_activation_log(url, storage_options=options)[-1]
+    assert run["layers"]["train"]["hidden"]["count"].tolist() == [32 * 16] * 2
+    pytest.importorskip("matplotlib")
+    from keras_callbacks_plus.__main__ import main
+
+    output = tmp_path / "report.png"
+    assert main(["report", url, "-o", str(output), "--storage-option", "key=testing",
+                 "--storage-option", "secret=testing", "--storage-option",
+                 f"client_kwargs.endpoint_url={s3_endpoint}", "--storage-option",
+                 "client_kwargs.region_name=us-east-1"]) == 0
+    assert capsys.readouterr().out.strip() == f"Wrote {output}"
+    assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
