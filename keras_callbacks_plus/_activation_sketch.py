@@ -14,10 +14,11 @@ two values of `numpy.percentile` on the same values; they are clipped to the
 exact min and max, and levels 0 and 100 are the exact min and max.
 
 Histograms are derived from the sketch on the host, over bin edges chosen at
-each logged epoch. Edges are `(first + j) * 2**p` with `|first|` and
-`|first + bins|` at most 256 and `2**-29 <= 2**p <= 2**31`: then no edge
-falls inside a bucket, so every bucket lies in one bin and the histogram
-counts the sketched values exactly, in half-open bins
+each logged epoch. Edges are `k * w` for consecutive integers `k`, with `w`
+a power of two or three times one, `|k|` (times 3 for the latter) at most
+256 and `2**-29 <= w <= 2**31`: then every edge has at most 8 significant
+bits, so it is a bucket boundary, every bucket lies in one bin and the
+histogram counts the sketched values exactly, in half-open bins
 `[e_j, e_j+1)` (a value equal to the last edge counts as overflow). The price
 is resolution: a bin is at least 1/256 of the largest edge's magnitude wide.
 """
@@ -44,7 +45,7 @@ _MIDDLES = np.ldexp(
 )
 VALUES = np.concatenate([-_MIDDLES[::-1], [0.0], _MIDDLES])
 
-# Bin edges: `(first + j) * 2**power`.
+# Bin edges: `k * width`, |k| (times 3 for widths 3 * 2**p) at most MAX_FIRST.
 MAX_FIRST = 256
 MIN_POWER, MAX_POWER = -29, 31
 MAX_BINS = 2 * MAX_FIRST
@@ -101,10 +102,25 @@ class Sketch:
     cost a few vectorized passes over the non-empty buckets only.
     """
 
-    def __init__(self, counts: np.ndarray):
+    def __init__(self, counts: np.ndarray, low: np.ndarray | None = None,
+                 high: np.ndarray | None = None):
+        """`counts` `(outputs, SIZE)`; `low`, `high` bound each output's values, if known.
+
+        With the bounds, only the buckets between theirs are searched (a
+        few hundred of 18,000 for most outputs).
+        """
         self.counts = counts
-        self.rows, self.buckets = np.nonzero(counts)
-        self.weights = counts[self.rows, self.buckets].astype(np.int64)
+        if low is None or high is None:
+            flat = np.flatnonzero(counts)
+        else:
+            ends = keys_numpy(np.stack([low, high], axis=1).astype(np.float32))
+            ends = np.where(np.isfinite(np.stack([low, high], axis=1)), ends, [0, SIZE - 1])
+            parts = [np.flatnonzero(counts[i, a:b + 1]) + (i * SIZE + a)
+                     for i, (a, b) in enumerate(np.minimum(ends, SIZE - 1))]
+            flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        self.rows, self.buckets = np.divmod(flat, counts.shape[1])
+        self.weights = counts.reshape(-1)[flat].astype(np.int64)
+        self._last: tuple | None = None  # (edges, histograms): edges are often kept
         self.cumulative = np.cumsum(self.weights)
         self.totals = counts.sum(axis=1, dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.totals)[:-1]]).astype(np.int64)
@@ -149,58 +165,53 @@ class Sketch:
         `aligned_edges`, so that every bucket lies in one bin: the counts
         are exact.
         """
+        if self._last is not None and np.array_equal(self._last[0], edges):
+            return self._last[1]
         outputs, bins = edges.shape[0], edges.shape[1] - 1
         width = edges[:, 1] - edges[:, 0]
         first = np.round(edges[:, 0] / width)
         rows = self.rows
-        # Exact: a bucket's middle over a power of two, floored, is the bin of
-        # the whole bucket (no edge inside it).
+        # No edge lies inside a bucket, and a bucket's middle is at least half
+        # a bucket away from the edges: its quotient by the width, floored,
+        # is the bin of the whole bucket, rounding errors notwithstanding.
         slot = np.floor(VALUES[self.buckets] / width[rows]) - first[rows]
         slot = np.clip(slot, -1, bins).astype(np.int64) + 1
         counts = np.bincount(rows * (bins + 2) + slot, weights=self.weights,
                              minlength=outputs * (bins + 2)).reshape(outputs, bins + 2)
         counts = np.rint(counts).astype(np.int64)
-        return counts[:, 1:-1], counts[:, 0], counts[:, -1]
+        result = counts[:, 1:-1], counts[:, 0], counts[:, -1]
+        self._last = (edges.copy(), result)
+        return result
 
 
 def aligned_edges(low: float, high: float, bins: int) -> np.ndarray:
-    """The narrowest `bins + 1` edges `(first + j) * 2**p` with `low >= e_0` and `high < e_bins`.
+    """The narrowest `bins + 1` edges `(first + j) * width` with `low >= e_0` and `high < e_bins`.
 
-    Within the sketch's limits (module docstring): `|first|` and
-    `|first + bins|` at most 256, `2**-29 <= 2**p <= 2**31`; values beyond
-    those limits fall outside the edges.
+    `width` is `2**p` or `3 * 2**p`, and every edge `k * width` has `|k|`
+    (times 3) at most 256, so that it is a boundary of the sketch's buckets
+    (module docstring); `2**-29 <= width <= 2**31`. Values beyond those
+    limits fall outside the edges.
     """
     if not (math.isfinite(low) and math.isfinite(high)) or low > high:
         low, high = -1.0, 1.0
     limit = MAX_FIRST * 2.0**MAX_POWER
     low, high = min(max(low, -limit), limit), min(max(high, -limit), limit)
     span = max(high - low, 2.0**MIN_POWER)
-    power = min(max(math.floor(math.log2(span / bins)), MIN_POWER), MAX_POWER)
+    power = min(max(math.floor(math.log2(span / bins)) - 1, MIN_POWER), MAX_POWER)
     while True:
-        width = 2.0**power
-        first = math.floor(low / width)
-        last = first + bins
-        fits = last * width > high and max(abs(first), abs(last)) <= MAX_FIRST
-        if fits or power >= MAX_POWER:
-            break
+        # Widths 2**p, 1.5 * 2**p, 2**(p+1), ...: at most 1.5 times a tight fit.
+        for factor, multiple in ((1.0, 1), (1.5, 3)):
+            width, limit = factor * 2.0**power, MAX_FIRST // multiple
+            # The lowest first edge that still covers `high`, the highest that covers `low`.
+            first = min(math.floor(low / width), limit - bins)
+            if (width >= 2.0**MIN_POWER and first >= -limit
+                    and (first + bins) * width > high):
+                return (first + np.arange(bins + 1, dtype=np.float64)) * width
+        if power >= MAX_POWER:
+            width = 2.0**MAX_POWER
+            first = min(max(math.floor(low / width), -MAX_FIRST), MAX_FIRST - bins)
+            return (first + np.arange(bins + 1, dtype=np.float64)) * width
         power += 1
-    first = min(max(first, -MAX_FIRST), MAX_FIRST - bins)
-    return (first + np.arange(bins + 1, dtype=np.float64)) * width
-
-
-def is_aligned(edges: Sequence[float], bins: int) -> bool:
-    """Whether `edges` are `bins + 1` edges within the limits `aligned_edges` keeps."""
-    edges = np.asarray(edges, np.float64)
-    if edges.shape != (bins + 1,) or not np.all(np.isfinite(edges)):
-        return False
-    width = edges[1] - edges[0]
-    if not width > 0:
-        return False
-    mantissa, exponent = math.frexp(width)
-    first = edges[0] / width
-    return (mantissa == 0.5 and MIN_POWER <= exponent - 1 <= MAX_POWER
-            and first == math.floor(first) and max(abs(first), abs(first + bins)) <= MAX_FIRST
-            and np.array_equal(edges, (first + np.arange(bins + 1)) * width))
 
 
 def choose_edges(sketch: Sketch, low: np.ndarray, high: np.ndarray, bins: int,

@@ -244,6 +244,7 @@ class Evaluator:
         self._forwards: dict[tuple, _Forward] = {}
         # (phase, sample_values, input shapes) -> Layout, recorded while tracing.
         self._layouts: dict[tuple, Layout] = {}
+        self._indices: dict[tuple, list] = {}
 
     @staticmethod
     def _local(model: keras.Model) -> bool:
@@ -293,10 +294,13 @@ class Evaluator:
         accumulator = keras.ops.zeros((len(self.names) * SKETCH_SIZE + 1,), "int32")
         for x in batches:
             (rows, sample), state = forward(x, state)
-            layout = self._layouts[(training, sample_values, _shapes(x))]
-            reductions, tails, accumulator = _summarize(
-                rows, sample, layout.block_base, layout.tail_rows, accumulator
-            )
+            key = (training, sample_values, _shapes(x))
+            layout = self._layouts[key]
+            if key not in self._indices:  # converted once: a conversion per batch costs
+                self._indices[key] = [keras.ops.convert_to_tensor(layout.block_base),
+                                      keras.ops.convert_to_tensor(layout.tail_rows)]
+            reductions, tails, accumulator = _summarize(rows, sample, *self._indices[key],
+                                                        accumulator)
             stats.add(layout, keras.ops.convert_to_numpy(reductions),
                       keras.ops.convert_to_numpy(tails), rows)
         counts = keras.ops.convert_to_numpy(accumulator)[:-1]

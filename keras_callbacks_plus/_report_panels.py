@@ -130,6 +130,24 @@ def draw_overview_panel(ax, table: np.ndarray, epochs: np.ndarray, statistic: st
     return mesh
 
 
+def tidy_colorbar(bar, statistic: str) -> None:
+    """Few, non-overlapping tick labels on a narrow horizontal colorbar."""
+    from matplotlib import ticker
+
+    bar.ax.tick_params(labelsize=6)
+    if statistic == "std":
+        bar.ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0), numticks=7))
+        bar.ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.2g}"))
+        bar.ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    elif statistic == "mean":  # the ends and where the scale turns linear
+        top, linear = bar.norm.vmax, bar.norm.linthresh
+        bar.ax.xaxis.set_major_locator(ticker.FixedLocator([-top, -linear, 0.0, linear, top]))
+        bar.ax.xaxis.set_minor_locator(ticker.NullLocator())
+        bar.ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.2g}"))
+    else:
+        bar.ax.xaxis.set_major_locator(ticker.MaxNLocator(nbins=5))
+
+
 # --------------------------------------------------------------- layer rows
 
 

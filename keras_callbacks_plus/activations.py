@@ -184,9 +184,10 @@ class ActivationLogger(PlusCallback):
     layer whose scale grows tenfold still has at most about 1% of its values
     outside the edges at every epoch. Values outside are counted as underflow
     and overflow; each epoch's edges are logged. Edges are multiples of a
-    power of two in which the sketch's buckets nest, so the histogram counts
-    the sampled values exactly, in half-open bins; the price is resolution:
-    a bin is at least 1/256 of the largest edge's magnitude wide.
+    power of two (or of three times one) in which the sketch's buckets nest,
+    so the histogram counts the sampled values exactly, in half-open bins;
+    the price is resolution: a bin is at least 1/256 of the largest edge's
+    magnitude wide, and bins span up to 1.5 times a tight fit.
 
     Percentiles and the histogram are computed from a systematic sample of
     at most `sample_values` values of each output per probe batch (every
@@ -234,7 +235,7 @@ class ActivationLogger(PlusCallback):
             1`, ...). Defaults to 1.
         percentiles: percentiles to record, in [0, 100]. Defaults to
             `(1, 50, 99)`.
-        bins: number of histogram bins, at most 512. Defaults to 64.
+        bins: number of histogram bins, from 2 to 512. Defaults to 64.
         h5_path: HDF5 file to append to; an existing log gets a new run,
             anything else there is an error. A local path is written in
             place (readable by another process while training runs); an
@@ -298,12 +299,13 @@ class ActivationLogger(PlusCallback):
     ):
         super().__init__(verbose=verbose)
         self.every = _check_int("every", every, 1)
-        self.bins = _check_int("bins", bins, 1)
-        if self.bins > MAX_BINS:
+        if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) \
+                or not 2 <= bins <= MAX_BINS:
             raise ValueError(
-                f"Invalid value for argument bins. Expected an int in [1, {MAX_BINS}] (the "
+                f"Invalid value for argument bins. Expected an int in [2, {MAX_BINS}] (the "
                 f"sketch behind the histograms resolves no finer). Received: bins={bins!r}"
             )
+        self.bins = int(bins)
         self.sample_values = (None if sample_values is None
                               else _check_int("sample_values", sample_values, 1))
         self.batch_size = _check_int("batch_size", batch_size, 1)

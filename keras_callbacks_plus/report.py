@@ -267,7 +267,7 @@ def _draw_overview(figure, names, records, phases, stats, labels, shortened, *, 
             else:
                 ax.set_yticks([])
         bar = figure.colorbar(mesh, cax=figure.add_subplot(bars[0, s]), orientation="horizontal")
-        bar.ax.tick_params(labelsize=6)
+        panels.tidy_colorbar(bar, statistic)
     if shortened:
         lines = [f"{names.index(n) + 1:>3}  {n}" for n in shortened]
         y = 1 - (bar_top + _BAR_IN + 0.45) / height
