@@ -14,7 +14,8 @@ The sketch accumulator holds `SIZE` buckets per output, then one slot for
 dropped (non-finite) values.
 
 Then `summarize` (one small program, the same for every model and phase,
-compiled once per buffer shape) reduces each row to its sum, sum of squares,
+compiled once per buffer shape; on TensorFlow `stage` and `summarize` run
+as one XLA cluster inside the forward graph instead) reduces each row to its sum, sum of squares,
 min, max and count of non-zero values, and adds the sample's sketch buckets
 (`_activation_sketch`) to a per-output accumulator on the device. Only these
 reductions and each output's last row (partly zero padding), not the
@@ -26,7 +27,8 @@ merged in float64 (Chan et al.): the variance's relative error is about
 1e-7 * (mean / std)**2, so negligible unless |mean| is hundreds of times std.
 Min, max, the zero and non-finite counts are exact. An output with a
 non-finite value (or one whose float32 sums overflow) is recomputed for that
-batch on the host from the rows buffer, masking non-finite values.
+batch on the host from its values (the rows buffer, or on TensorFlow the
+batch run again from the same state), masking non-finite values.
 
 The layout replaces the one program per phase of earlier versions, which
 compiled every output's statistics into one XLA graph (tens of seconds for
@@ -39,7 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import keras
 import numpy as np
@@ -173,11 +175,12 @@ class Stats:
         self.high = np.full(outputs, -np.inf)
         self.sketch = np.zeros((outputs, sketch_buckets.SIZE), np.int32)
 
-    def add(self, layout: Layout, reductions: np.ndarray, tails: np.ndarray, rows: Any) -> None:
-        """Merges one batch: `reductions` and `tails` from `summarize`, `rows` its rows buffer.
+    def add(self, layout: Layout, reductions: np.ndarray, tails: np.ndarray,
+            values: Callable[[int], np.ndarray]) -> None:
+        """Merges one batch: `reductions` and `tails` from `summarize`.
 
-        `rows` (on the device) is read only when some output holds a
-        non-finite value outside its last row.
+        `values(i)` gives output i's values, read only when it holds a
+        non-finite value outside its last row (or its float32 sums overflow).
         """
         sizes, starts = layout.sizes, layout.row_starts
         has_rows = sizes > 0
@@ -214,13 +217,8 @@ class Stats:
         high[has_rows] = np.maximum(high[has_rows], np.where(finite, tails, -np.inf).max(axis=1))
         nonzero[has_rows] += (valid & (tails != 0)).sum(axis=1)
         count[has_rows] += finite.sum(axis=1)
-        if bad.any():
-            flat = keras.ops.convert_to_numpy(rows).reshape(-1)
-            for i in np.flatnonzero(bad):
-                start = int(starts[i]) * ROW
-                sum_[i], square[i], low[i], high[i], nonzero[i], count[i] = _exact(
-                    flat[start:start + int(sizes[i])]
-                )
+        for i in np.flatnonzero(bad):
+            sum_[i], square[i], low[i], high[i], nonzero[i], count[i] = _exact(values(i))
         self._merge(sum_, square, count, low, high, sizes - nonzero, sizes)
 
     def _merge(self, sums, squares, count, low, high, zeros, sizes) -> None:

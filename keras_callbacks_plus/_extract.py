@@ -23,7 +23,7 @@ import numpy as np
 
 from keras_callbacks_plus import _layers, distribute
 from keras_callbacks_plus._activation_sketch import SIZE as SKETCH_SIZE
-from keras_callbacks_plus._activation_stats import Layout, Stats, stage, summarize
+from keras_callbacks_plus._activation_stats import ROW, Layout, Stats, stage, summarize
 
 # ---------------------------------------------------------------- layers
 
@@ -174,6 +174,7 @@ def _is_float(variable) -> bool:
 class _Forward:
     """The extractor's stateless forward stage, compiled once per phase and input shape.
 
+    `fn(trainable, non_trainable, x, *args)` returns `(result, non_trainable)`.
     On TensorFlow (one device) the graph reads the weights itself: passing a
     few hundred tensors into a `tf.function` costs more than the forward pass
     of a small model. Only the integer state (seed generators) goes in and
@@ -183,18 +184,19 @@ class _Forward:
 
     def __init__(self, extractor: keras.Model, fn, captured: bool):
         self.extractor, self.captured = extractor, captured
-        variables = extractor.non_trainable_variables
-        self._carried = [i for i, v in enumerate(variables) if not _is_float(v)]
+        self._trainable = list(extractor.trainable_variables)
+        self._non_trainable = list(extractor.non_trainable_variables)
+        self._carried = [i for i, v in enumerate(self._non_trainable) if not _is_float(v)]
         if not captured:
             self._function = _graph_function(fn)
             return
 
-        def run(x, carried):
-            trainable = [v.value for v in extractor.trainable_variables]
-            non_trainable = [v.value for v in variables]
+        def run(x, carried, *args):
+            trainable = [v.value for v in self._trainable]
+            non_trainable = [v.value for v in self._non_trainable]
             for i, value in zip(self._carried, carried):
                 non_trainable[i] = value
-            result, after = fn(trainable, non_trainable, x)
+            result, after = fn(trainable, non_trainable, x, *args)
             return result, [after[i] for i in self._carried]
 
         self._function = _graph_function(run)
@@ -206,29 +208,56 @@ class _Forward:
                 return [keras.ops.convert_to_tensor(distribute.local_value(v)) for v in variables]
             return [keras.ops.convert_to_tensor(v) for v in variables]
 
-        non_trainable = self.extractor.non_trainable_variables
         if self.captured:
-            return values([non_trainable[i] for i in self._carried])
-        return values(self.extractor.trainable_variables), values(non_trainable)
+            return values([self._non_trainable[i] for i in self._carried])
+        return values(self._trainable), values(self._non_trainable)
 
-    def __call__(self, x, state):
+    def __call__(self, x, state, *args):
         """`(result, state for the next batch)`."""
         if self.captured:
-            return self._function(x, state)
+            return self._function(x, state, *args)
         trainable, non_trainable = state
-        result, non_trainable = self._function(trainable, non_trainable, x)
+        result, non_trainable = self._function(trainable, non_trainable, x, *args)
         return result, (trainable, non_trainable)
 
 
-_summarize_function = None
+# Where the statistics program runs. On JAX after the forward program, which
+# lays the outputs out in one buffer (`stage`) as its layers make them. On
+# TensorFlow inside the forward graph (which runs without XLA), as an XLA
+# cluster that copies and reduces the outputs: one call per batch, where a
+# second call taking 150 outputs as arguments, or copying them in the graph,
+# cost a forward pass more per phase (measured on CPU).
+def _fused() -> bool:
+    return keras.backend.backend() == "tensorflow"
 
 
-def _summarize(*args):
-    """`summarize`, compiled once per process (XLA on both backends), traced per buffer shape."""
-    global _summarize_function
-    if _summarize_function is None:
-        _summarize_function = distribute.compile_function(summarize)
-    return _summarize_function(*args)
+_summarize_functions: dict = {}
+
+
+def _summarize_rows(*args):
+    """`summarize`, compiled once per process and traced per buffer shape.
+
+    One program serves both phases and every model with the same layout.
+    """
+    if "rows" not in _summarize_functions:
+        _summarize_functions["rows"] = distribute.compile_function(summarize)
+    return _summarize_functions["rows"](*args)
+
+
+def _summarize_outputs(sample_values: int | None):
+    """`summarize` after `stage`, as an XLA function to call inside a TensorFlow graph.
+
+    Traced per model (its outputs' shapes): a few seconds for 150 outputs.
+    """
+    if sample_values not in _summarize_functions:
+        import tensorflow as tf
+
+        def function(outputs, block_base, tail_rows, accumulator):
+            rows, sample, _ = stage(outputs, sample_values)
+            return summarize(rows, sample, block_base, tail_rows, accumulator)
+
+        _summarize_functions[sample_values] = tf.function(function, jit_compile=True)
+    return _summarize_functions[sample_values]
 
 
 def _shapes(x) -> tuple:
@@ -260,16 +289,23 @@ class Evaluator:
         if key not in self._forwards:
             extractor = self.extractor
 
-            def run(trainable, non_trainable, x):
+            def run(trainable, non_trainable, x, *accumulator):
                 outputs, non_trainable = extractor.stateless_call(
                     trainable, non_trainable, x, training=training
                 )
                 outputs = keras.tree.flatten(outputs)
                 if not summary:
                     return outputs, non_trainable
-                rows, sample, layout = stage(outputs, sample_values)
-                self._layouts[(training, sample_values, _shapes(x))] = layout
-                return (rows, sample), non_trainable
+                key = (training, sample_values, _shapes(x))
+                if not _fused():
+                    rows, sample, self._layouts[key] = stage(outputs, sample_values)
+                    return (rows, sample), non_trainable
+                layout = Layout.of([tuple(y.shape) for y in outputs], sample_values)
+                self._layouts[key] = layout
+                summary_ = _summarize_outputs(sample_values)(
+                    outputs, layout.block_base, layout.tail_rows, *accumulator
+                )
+                return summary_, non_trainable
 
             captured = keras.backend.backend() == "tensorflow" and not local
             self._forwards[key] = _Forward(extractor, run, captured)
@@ -293,19 +329,53 @@ class Evaluator:
         stats = Stats(len(self.names))
         accumulator = keras.ops.zeros((len(self.names) * SKETCH_SIZE + 1,), "int32")
         for x in batches:
-            (rows, sample), state = forward(x, state)
-            key = (training, sample_values, _shapes(x))
-            layout = self._layouts[key]
-            if key not in self._indices:  # converted once: a conversion per batch costs
-                self._indices[key] = [keras.ops.convert_to_tensor(layout.block_base),
-                                      keras.ops.convert_to_tensor(layout.tail_rows)]
-            reductions, tails, accumulator = _summarize(rows, sample, *self._indices[key],
-                                                        accumulator)
+            before = state
+            if _fused():
+                (reductions, tails, accumulator), state = forward(x, state, accumulator)
+                layout = self._layouts[(training, sample_values, _shapes(x))]
+                values = self._recomputed(model, x, training, local, before)
+            else:
+                (rows, sample), state = forward(x, state)
+                key = (training, sample_values, _shapes(x))
+                layout = self._layouts[key]
+                if key not in self._indices:  # converted once: a conversion per batch costs
+                    self._indices[key] = [keras.ops.convert_to_tensor(layout.block_base),
+                                          keras.ops.convert_to_tensor(layout.tail_rows)]
+                reductions, tails, accumulator = _summarize_rows(
+                    rows, sample, *self._indices[key], accumulator
+                )
+                values = _from_rows(layout, rows)
             stats.add(layout, keras.ops.convert_to_numpy(reductions),
-                      keras.ops.convert_to_numpy(tails), rows)
+                      keras.ops.convert_to_numpy(tails), values)
         counts = keras.ops.convert_to_numpy(accumulator)[:-1]
         stats.sketch = counts.reshape(len(self.names), SKETCH_SIZE)
         return stats
+
+    def _recomputed(self, model, x, training, local, state):
+        """`values(i)` of a batch whose outputs stayed inside the graph: run it again.
+
+        The same state gives the same outputs (seeds included). Only for an
+        output with a non-finite value, so rarely.
+        """
+        found: list = []
+
+        def values(i: int) -> np.ndarray:
+            if not found:
+                forward = self._forward(training, False, None, local)
+                found.append(forward(x, state)[0])
+            return keras.ops.convert_to_numpy(found[0][i]).reshape(-1)
+
+        return values
+
+
+def _from_rows(layout: Layout, rows):
+    """`values(i)`: output i's values, read from the rows buffer (on the host)."""
+    def values(i: int) -> np.ndarray:
+        start = int(layout.row_starts[i]) * ROW
+        flat = keras.ops.convert_to_numpy(rows).reshape(-1)
+        return flat[start:start + int(layout.sizes[i])]
+
+    return values
 
 
 # model -> {layer paths: Evaluator}; one compiled evaluator per selection.
