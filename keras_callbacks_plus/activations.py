@@ -53,6 +53,7 @@ from keras_callbacks_plus._activation_log import (
 )
 from keras_callbacks_plus._activation_sketch import MAX_BINS, choose_edges
 from keras_callbacks_plus._base import PlusCallback
+from keras_callbacks_plus._validate import check_int, invalid, is_int
 from keras_callbacks_plus._extract import (
     Evaluator,
     check_fits,
@@ -142,15 +143,6 @@ class _Probe:
 
 
 # -------------------------------------------------------------- callback
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(
-            f"Invalid value for argument {name}. Expected an int >= {minimum}. "
-            f"Received: {name}={value!r}"
-        )
-    return int(value)
 
 
 def _level_name(level: float) -> str:
@@ -298,41 +290,29 @@ class ActivationLogger(PlusCallback):
         verbose: int = 0,
     ):
         super().__init__(verbose=verbose)
-        self.every = _check_int("every", every, 1)
-        if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) \
-                or not 2 <= bins <= MAX_BINS:
-            raise ValueError(
-                f"Invalid value for argument bins. Expected an int in [2, {MAX_BINS}] (the "
-                f"sketch behind the histograms resolves no finer). Received: bins={bins!r}"
-            )
+        self.every = check_int("every", every, 1)
+        if not is_int(bins, 2) or bins > MAX_BINS:
+            # The sketch behind the histograms resolves no finer.
+            raise invalid("bins", f"an int in [2, {MAX_BINS}]", bins)
         self.bins = int(bins)
-        self.sample_values = (None if sample_values is None
-                              else _check_int("sample_values", sample_values, 1))
-        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.sample_values = check_int("sample_values", sample_values, 1, allow_none=True)
+        self.batch_size = check_int("batch_size", batch_size, 1)
         phases = (phases,) if isinstance(phases, str) else tuple(phases)
         if not phases or any(p not in PHASES for p in phases) or len(set(phases)) != len(phases):
-            raise ValueError(
-                "Invalid value for argument phases. Expected a non-empty list of "
-                f"distinct phases among {PHASES}. Received: phases={phases!r}"
-            )
+            raise invalid("phases", f"a non-empty list of distinct phases among {PHASES}", phases)
         self.phases = phases
         try:
             levels = tuple(float(p) for p in percentiles)
         except (TypeError, ValueError):
             levels = (math.nan,)
         if not all(0.0 <= p <= 100.0 for p in levels):
-            raise ValueError(
-                "Invalid value for argument percentiles. Expected numbers in "
-                f"[0, 100]. Received: percentiles={percentiles!r}"
-            )
+            raise invalid("percentiles", "numbers in [0, 100]", percentiles)
         self.percentiles = levels
         if layers is not None and not (
             isinstance(layers, str) or all(isinstance(p, str) for p in layers)
         ) or layers == []:
-            raise ValueError(
-                "Invalid value for argument layers. Expected None, a layer name or "
-                f"pattern, or a non-empty list of them. Received: layers={layers!r}"
-            )
+            raise invalid("layers", "None, a layer name or pattern, or a non-empty list of them",
+                          layers)
         self.layers = layers
         scalar_names = (*STATISTICS, *(_level_name(p) for p in levels))
         if log_scalars is True:
@@ -343,11 +323,9 @@ class ActivationLogger(PlusCallback):
             names = (log_scalars,) if isinstance(log_scalars, str) else tuple(log_scalars)
             unknown = [n for n in names if n not in scalar_names]
             if unknown or not names:
-                raise ValueError(
-                    "Invalid value for argument log_scalars. Expected True, False or "
-                    f"a list of statistics among {scalar_names}. "
-                    f"Received: log_scalars={log_scalars!r}"
-                )
+                raise invalid("log_scalars",
+                              f"True, False or a list of statistics among {scalar_names}",
+                              log_scalars)
             self.log_scalars = names
         self.h5_path: Path | str | None = None
         self._storage: _storage.Storage | None = None

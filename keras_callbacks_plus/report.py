@@ -29,6 +29,7 @@ import numpy as np
 
 from keras_callbacks_plus import _layers
 from keras_callbacks_plus import _report_panels as panels
+from keras_callbacks_plus._validate import check_int
 
 __all__ = ["plot_activation_log", "write_activation_report"]
 
@@ -133,10 +134,7 @@ def write_activation_report(
         ImportError: matplotlib is not installed.
         ValueError: the run, a layer pattern or a phase is not in the log.
     """
-    if isinstance(layers_per_page, bool) or not isinstance(layers_per_page, int) \
-            or layers_per_page < 1:
-        raise ValueError("Invalid value for argument layers_per_page. Expected an int >= 1. "
-                         f"Received: layers_per_page={layers_per_page!r}")
+    layers_per_page = check_int("layers_per_page", layers_per_page, 1)
     chosen_run, phases, names = _select(log, run, layers, phases, storage_options)
     by_phase = chosen_run["layers"]
     records = {name: {p: by_phase[p].get(name) for p in phases} for name in names}
