@@ -507,22 +507,34 @@ def test_resume_continues_with_the_last_edges(tmp_path):
     assert len(json.dumps(state)) < 100
 
 
-def test_state_stays_small_for_a_model_with_160_outputs(tmp_path):
-    """The state names the run; edges and other per-layer arrays stay in the HDF5 log."""
+def test_checkpoint_sidecar_stays_small_for_a_model_with_160_outputs(tmp_path):
+    """The state names the run; edges and other per-layer arrays stay in the HDF5 log.
+
+    The issue's target: a checkpoint's sidecar under 20 KB with the logger
+    on every layer of a model of ~160 outputs (it was 708 KB).
+    """
+    from keras_callbacks_plus import ParallelModelCheckpoint
+
     keras.utils.set_random_seed(0)
     inputs = keras.Input((4,), name="x")
     x = inputs
     for i in range(160):
         x = keras.layers.Dense(4, activation="tanh", name=f"dense_{i}")(x)
     model = keras.Model(inputs, x, name="deep")
-    probe = np.random.default_rng(7).normal(size=(16, 4)).astype("float32")
+    model.compile(optimizer="sgd", loss="mse")
+    rng = np.random.default_rng(7)
+    probe = rng.normal(size=(16, 4)).astype("float32")
+    data = (probe, rng.normal(size=(16, 4)).astype("float32"))
     logger = ActivationLogger(probe, phases=("test", "train"), h5_path=tmp_path / "act.h5")
-    _run_hooks(logger, model, epochs=(0, 1))
+    checkpoint = ParallelModelCheckpoint(str(tmp_path / "m_{epoch}.keras"), async_save=False)
+    model.fit(*data, batch_size=16, epochs=2, verbose=0, callbacks=[logger, checkpoint])
     assert len(logger._evaluator.names) == 160
-    state = json.dumps(logger.get_state())
-    assert len(state) < 20_000 and json.loads(state) == {"run": "run_000"}
+    sidecar = tmp_path / "m_2.keras.json"
+    assert sidecar.stat().st_size < 20_000
+    state = json.loads(sidecar.read_text())["callbacks"][logger.state_key]
+    assert state == {"run": "run_000"}
     resumed = ActivationLogger(probe, phases=("test", "train"), h5_path=tmp_path / "act.h5")
-    resumed.set_state(json.loads(state), arrays=None, directory=str(tmp_path))
+    resumed.set_state(state, arrays=None, directory=str(tmp_path))
     _run_hooks(resumed, model, epochs=(2,))
     runs = read_activation_log(tmp_path / "act.h5")
     assert len(runs) == 1
