@@ -17,7 +17,10 @@ Two cases, both in one run (`--cases` picks some):
 * logged epochs with both phases, the test phase only and the train phase
   only (interleaved with `forward`), in forward passes per phase — target:
   at most 4;
-* RSS over 50 logged epochs (both phases).
+* RSS over 50 logged epochs (both phases);
+* the sidecar of a checkpoint written with the logger (one epoch of `fit`
+  with `ParallelModelCheckpoint`): its size (target: under 20 KB) and the
+  logger's part of it.
 
 `cnn`: the earlier case, kept for comparison.
 
@@ -44,6 +47,7 @@ Run: `python benchmarks/activation_logger_cost.py [--backend jax] [--quick]`.
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import time
@@ -69,6 +73,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_callbacks_plus.activations import ActivationLogger  # noqa: E402
+from keras_callbacks_plus.checkpoint import ParallelModelCheckpoint  # noqa: E402
 
 if ARGS.quick:
     SIZE, BLOCKS, FILTERS, PROBE, BATCH = 8, 2, 8, 32, 16
@@ -190,6 +195,15 @@ def mobilenet_case(folder: str) -> tuple[list[dict], dict]:
     both.on_train_end()
     growth, window = memory_growth(rss)
 
+    logger = ActivationLogger(probe, phases=("test", "train"),
+                              h5_path=Path(folder) / "mobilenet_checkpointed.h5")
+    checkpoint = ParallelModelCheckpoint(str(Path(folder) / "mobilenet_{epoch}.keras"),
+                                         async_save=False)
+    model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[logger, checkpoint])
+    sidecar = Path(folder) / "mobilenet_1.keras.json"
+    sidecar_bytes = sidecar.stat().st_size
+    logger_bytes = len(json.dumps(json.loads(sidecar.read_text())["callbacks"][logger.state_key]))
+
     forward = _bench.median(times["forward"])
     passes = {
         "both_phases_per_phase": _bench.median(times["both_phases"]) / 2 / forward,
@@ -214,6 +228,8 @@ def mobilenet_case(folder: str) -> tuple[list[dict], dict]:
          _bench.median(times["train_phase"]), "forward_passes": passes["train"]},
         {"measure": f"{label}: RSS growth over {EPOCHS} logged epochs, both phases (median of "
                     f"the last {window} minus epochs 3..{2 + window}, MB)", "value": growth},
+        {"measure": f"{label}: checkpoint sidecar with the logger (bytes; the logger's state)",
+         "value": f"{sidecar_bytes} ({logger_bytes})"},
     ]
     record = {
         "input": [size, size, 3], "samples": samples, "batch_size": batch,
@@ -223,6 +239,7 @@ def mobilenet_case(folder: str) -> tuple[list[dict], dict]:
         "setup_target_s": max(train_epoch, 10.0), "first_logged_epoch_s": first_epoch,
         "times_s": times, "forward_s": forward, "forward_passes_per_phase": passes,
         "target_forward_passes_per_phase": 4.0, "rss_mb": rss, "rss_growth_mb": growth,
+        "sidecar_bytes": sidecar_bytes, "logger_state_bytes": logger_bytes,
     }
     return rows, record
 

@@ -192,9 +192,11 @@ class ActivationLogger(PlusCallback):
 
     Cost: per logged epoch and phase, one pass of the probe through the
     model that keeps the chosen outputs, then one small program reduces
-    them on the device. Train begin compiles the forward pass once per phase
-    (on TensorFlow a graph without XLA) and the statistics once per batch
-    shape. `benchmarks/activation_logger_cost.py` measures both.
+    them on the device (on TensorFlow inside the same graph, as one XLA
+    cluster). Train begin compiles the forward pass once per phase (on
+    TensorFlow a graph without XLA) and the statistics once per batch
+    shape: seconds, also for 150 layers.
+    `benchmarks/activation_logger_cost.py` measures both.
 
     Records go to an HDF5 file (`h5_path`, a path or a URL such as
     `s3://bucket/run/activations.h5`; read it with
