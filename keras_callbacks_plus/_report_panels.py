@@ -6,6 +6,7 @@ stays small; matplotlib is imported by the caller, through `report.py`.
 
 from __future__ import annotations
 
+import math
 import textwrap
 from typing import Any, Sequence
 
@@ -130,15 +131,30 @@ def draw_overview_panel(ax, table: np.ndarray, epochs: np.ndarray, statistic: st
     return mesh
 
 
+def log_ticks(low: float, high: float, most: int = 5) -> list[float]:
+    """At most `most` ticks in [low, high] on a log scale: every k-th power of ten, or
+    1, 2, 5 times them when the range spans under two decades."""
+    first, last = math.ceil(math.log10(low)), math.floor(math.log10(high))
+    if last - first >= 2:
+        step = -(-(last - first + 1) // most)
+        return [10.0**d for d in range(first, last + 1, step)]
+    ticks = [m * 10.0**d for d in range(first - 1, last + 1) for m in (1, 2, 5)]
+    ticks = [t for t in ticks if low <= t <= high]
+    if len(ticks) < 2:  # a narrow range: its ends too
+        return sorted({low, *ticks, high})
+    return ticks[::-(-len(ticks) // most)]
+
+
 def tidy_colorbar(bar, statistic: str) -> None:
     """Few, non-overlapping tick labels on a narrow horizontal colorbar."""
     from matplotlib import ticker
 
     bar.ax.tick_params(labelsize=6)
     if statistic == "std":
-        bar.ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0), numticks=7))
+        bar.ax.xaxis.set_major_locator(ticker.FixedLocator(log_ticks(bar.norm.vmin,
+                                                                     bar.norm.vmax)))
+        bar.ax.xaxis.set_minor_locator(ticker.NullLocator())
         bar.ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.2g}"))
-        bar.ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     elif statistic == "mean":  # the ends and where the scale turns linear
         top, linear = bar.norm.vmax, bar.norm.linthresh
         bar.ax.xaxis.set_major_locator(ticker.FixedLocator([-top, -linear, 0.0, linear, top]))
@@ -236,4 +252,5 @@ def draw_histograms(ax, record: dict[str, Any]) -> float:
                   cmap="viridis", norm=norm, shading="flat", rasterized=True)
     ax.set_ylim(float(edges[:, 0].min()), float(edges[:, -1].max()))
     ax.set_xlim(bounds[0], bounds[-1])
+    ax.set_facecolor("0.85")  # outside an epoch's edges: gray, not an empty bin's color
     return float(norm.vmax)

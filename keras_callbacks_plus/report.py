@@ -194,7 +194,7 @@ def plot_activation_log(
 
 
 _HISTOGRAMS = ("Histograms: the share of each logged epoch's (sampled) values per bin, over "
-               "that epoch's edges, square-root color scale")
+               "that epoch's edges (gray: outside them), square-root color scale")
 # Heights in inches.
 _TITLE_IN, _OVERVIEW_ROW_IN, _BAR_GAP_IN, _BAR_IN, _LEGEND_LINE_IN = 0.95, 0.13, 0.55, 0.12, 0.12
 _DETAIL_ROW_IN, _DETAIL_GAP_IN = 1.5, 0.5
