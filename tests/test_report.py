@@ -121,3 +121,14 @@ def test_a_format_1_log_still_reads_and_draws(tmp_path):
     np.testing.assert_array_equal(record["bin_edges"][1], edges)
     assert record["output_shape"] == (None, 3)
     assert write_activation_report(path, tmp_path / "old.png") == [tmp_path / "old.png"]
+
+
+@pytest.mark.parametrize("low, high", [(5e-5, 1.4), (0.03, 1.2), (0.3, 0.9), (0.31, 0.33),
+                                       (1e-9, 1e3)])
+def test_log_colorbar_ticks_are_few_and_inside_the_range(low, high):
+    """The std colorbar of the MobileNetV3Small overview had 15 overlapping tick labels."""
+    from keras_callbacks_plus._report_panels import log_ticks
+
+    ticks = log_ticks(low, high)
+    assert 2 <= len(ticks) <= 5
+    assert ticks == sorted(ticks) and low <= ticks[0] and ticks[-1] <= high
