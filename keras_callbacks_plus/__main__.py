@@ -2,7 +2,7 @@
 
 Commands:
     demo    Pre-train a small CNN, fine-tune it data-parallel with all four callbacks.
-    report  Draw an ActivationLogger HDF5 log as a PNG (needs matplotlib).
+    report  Draw an ActivationLogger HDF5 log: overview and detail pages (needs matplotlib).
 
 Each command is a `_add_<name>(subparsers)` that registers its parser and
 sets `run`, a function of the parsed arguments returning the exit status.
@@ -11,6 +11,7 @@ sets `run`, a function of the parsed arguments returning the exit status.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Sequence
 
@@ -66,26 +67,57 @@ def _add_demo(subparsers) -> None:
     parser.set_defaults(run_command=_demo)
 
 
-def _report(args: argparse.Namespace) -> int:
-    from keras_callbacks_plus.report import plot_activation_log
+def _storage_options(pairs: Sequence[str] | None) -> dict:
+    """`KEY=VALUE` pairs as fsspec options: dotted keys nest, JSON values are decoded.
 
-    output = plot_activation_log(
-        args.log, args.output, run=args.run, layers=args.layers, phases=args.phases, dpi=args.dpi
+    `client_kwargs.endpoint_url=http://127.0.0.1:9000` gives
+    `{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}`.
+    """
+    options: dict = {}
+    for pair in pairs or ():
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"Invalid --storage-option {pair!r}: expected KEY=VALUE.")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        *parents, last = key.split(".")
+        target = options
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[last] = value
+    return options
+
+
+def _report(args: argparse.Namespace) -> int:
+    from keras_callbacks_plus.report import write_activation_report
+
+    written = write_activation_report(
+        args.log, args.output, run=args.run, layers=args.layers, phases=args.phases,
+        dpi=args.dpi, layers_per_page=args.layers_per_page,
+        storage_options=_storage_options(args.storage_option) or None,
     )
-    print(f"Wrote {output}")
+    for path in written:
+        print(f"Wrote {path}")
     return 0
 
 
 def _add_report(subparsers) -> None:
     parser = subparsers.add_parser(
         "report",
-        help="draw an ActivationLogger HDF5 log as a PNG",
-        description="Draws an ActivationLogger HDF5 log: per layer, mean ± std and the "
-        "fraction of zeros over epochs, and the histograms over epochs as a heatmap.",
+        help="draw an ActivationLogger HDF5 log: overview and detail pages",
+        description="Draws an ActivationLogger HDF5 log: an overview (per layer and epoch: "
+        "mean, std, zero fraction, share outside the histogram edges), then detail pages "
+        "(per layer: mean ± std and the zero fraction over epochs, the histograms over "
+        "epochs as a heatmap). A PNG output is the overview, with the pages beside it "
+        "(<name>-p01.png, ...) when there are more layers than --layers-per-page; a PDF "
+        "holds every page.",
     )
-    parser.add_argument("log", help="the .h5 file written by ActivationLogger(h5_path=...)")
+    parser.add_argument("log", help="the .h5 file written by ActivationLogger(h5_path=...), "
+                        "or its URL (s3://bucket/run/activations.h5)")
     parser.add_argument("-o", "--output", default="report.png",
-                        help="PNG to write (default: %(default)s)")
+                        help="PNG or PDF to write (default: %(default)s)")
     parser.add_argument("--run", type=int, default=-1,
                         help="which run of the file, as a list index (default: the last)")
     parser.add_argument("--layers", nargs="+", default=None, metavar="PATTERN",
@@ -93,6 +125,12 @@ def _add_report(subparsers) -> None:
                         "paths from the top ('backbone/block_3*') or 'all' (default: all)")
     parser.add_argument("--phases", nargs="+", default=None, choices=("test", "train"),
                         help="phases to draw (default: all logged)")
+    parser.add_argument("--layers-per-page", type=int, default=30,
+                        help="most layers on a detail page (default: %(default)s)")
+    parser.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                        help="an fsspec option for a log URL, repeatable; dotted keys nest, "
+                        "JSON values are decoded "
+                        "(client_kwargs.endpoint_url=http://127.0.0.1:9000)")
     parser.add_argument("--dpi", type=int, default=80, help="resolution (default: %(default)s)")
     parser.set_defaults(run_command=_report)
 

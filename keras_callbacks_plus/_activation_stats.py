@@ -1,63 +1,56 @@
-"""Streaming statistics of activations: a device-side summary per batch, merged on the host.
+"""Streaming statistics of activations: two compiled stages per batch, merged on the host.
 
-`summarize` runs inside the compiled evaluation function (keras.ops only)
-and reduces all outputs of a batch to a few numbers and count vectors;
-`Stats` merges those summaries over the probe's batches in fixed memory.
+Per probe batch, the forward stage (`_extract`) runs the chosen layers and
+`stage` lays their outputs out in two buffers:
 
-Over every value: mean and standard deviation come from float32 sums of
-values and squares over rows of 1024 values, merged in float64 (Chan et
-al.): the variance's relative error is about 1e-7 * (mean / std)**2, so
-negligible unless |mean| is hundreds of times std. Min, max, the zero and
-non-finite counts are exact.
+* `rows`, `(R, 1024)` float32: every output flattened, its last row padded
+  with zeros, the outputs one after another;
+* `sample`, float32: a systematic sample of at most `sample_values` values
+  of each output (every k-th value, k coprime with the channel count, from
+  the first one; all values of smaller outputs), each output's part padded
+  with NaN (dropped) to a multiple of 256.
 
-Percentiles and the histogram count a systematic sample of at most
-`sample_values` values per output and batch (every k-th value, k coprime
-with the channel count), or every value. On a CPU, scattering every value
-of every output into counts costs several times a forward pass; a sample
-of 65536 values per batch puts a percentile's rank within about
-0.1 percentage point of the exact one (one standard error at the median:
-0.5 / sqrt(65536) = 0.2%, per batch). The histogram counts the sampled
-values exactly; its edges are fixed by the caller, as `(k + j) * 2**e`
-(see `fixed_edges`).
+The sketch accumulator holds `SIZE` buckets per output, then one slot for
+dropped (non-finite) values.
 
-Percentiles come from a quantile sketch with a bucket per sign, binary
-exponent and top 7 mantissa bits of each float32 value (as HDR histograms
-do), so its bucket boundaries are exact. Every value `v` with
-`2**-30 <= |v| < 2**41` is represented within 1/256 (0.39%) of itself; smaller
-magnitudes (except exact zeros, which have their own bucket) within 2**-30.
-A percentile is interpolated between the two ranks around it, as NumPy's
-default `linear` method does, so it is within 0.39% of the larger of those
-two values of `numpy.percentile` on the same (sampled) values; it is
-clipped to the exact min and max, and levels 0 and 100 are the exact min
-and max.
+Then `summarize` (one small program, the same for every model and phase,
+compiled once per buffer shape; on TensorFlow `stage` and `summarize` run
+as one XLA cluster inside the forward graph instead) reduces each row to its sum, sum of squares,
+min, max and count of non-zero values, and adds the sample's sketch buckets
+(`_activation_sketch`) to a per-output accumulator on the device. Only these
+reductions and each output's last row (partly zero padding), not the
+outputs, come back to the host, where `Stats` merges them per output and
+batch.
+
+Mean and standard deviation come from float32 sums over rows of 1024 values,
+merged in float64 (Chan et al.): the variance's relative error is about
+1e-7 * (mean / std)**2, so negligible unless |mean| is hundreds of times std.
+Min, max, the zero and non-finite counts are exact. An output with a
+non-finite value (or one whose float32 sums overflow) is recomputed for that
+batch on the host from its values (the rows buffer, or on TensorFlow the
+batch run again from the same state), masking non-finite values.
+
+The layout replaces the one program per phase of earlier versions, which
+compiled every output's statistics into one XLA graph (tens of seconds for
+150 outputs) and kept XLA's slow CPU convolutions on TensorFlow: now the
+forward stage is the only model-sized program, and the statistics program has
+a handful of operations whatever the model.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import keras
 import numpy as np
 
-# The quantile sketch: a bucket per sign, binary exponent and top
-# `_MANTISSA_BITS` mantissa bits of a float32, for magnitudes from 2**-30 to
-# 2**41 (smaller ones share the lowest bucket, larger ones the highest).
-_MANTISSA_BITS = 7
-_TOP_LOW = (127 - 30) << _MANTISSA_BITS
-_TOP_HIGH = ((127 + 40) << _MANTISSA_BITS) | ((1 << _MANTISSA_BITS) - 1)
-_TOP_NONFINITE = 255 << _MANTISSA_BITS
-_MAGNITUDES = _TOP_HIGH - _TOP_LOW + 1
-# Ordered buckets: negatives (largest magnitude first), zero, positives.
-_SKETCH_SIZE = 2 * _MAGNITUDES + 1
-_TOPS = np.arange(_TOP_LOW, _TOP_HIGH + 1)
-_REPRESENTATIVES = np.ldexp(
-    1.0 + ((_TOPS & ((1 << _MANTISSA_BITS) - 1)) + 0.5) / (1 << _MANTISSA_BITS),
-    (_TOPS >> _MANTISSA_BITS) - 127,
-)
-_SKETCH_VALUES = np.concatenate([-_REPRESENTATIVES[::-1], [0.0], _REPRESENTATIVES])
-# Values per row of the device-side sums (see summarize).
-_ROW = 1024
+from keras_callbacks_plus import _activation_sketch as sketch_buckets
+
+# Values per row of the device-side sums, and the sample's block size.
+ROW = 1024
+BLOCK = 256
 
 
 def sample_stride(size: int, last: int, limit: int | None) -> int:
@@ -74,113 +67,98 @@ def sample_stride(size: int, last: int, limit: int | None) -> int:
     return stride
 
 
-def summarize(outputs, edges, sample_values=None, finite_only=False):
-    """Per-batch summary of all outputs, on the device (keras.ops only).
+@dataclass(frozen=True)
+class Layout:
+    """Where each output of one batch shape lies in the `rows` and `sample` buffers."""
 
-    Every value counts for the sums (per row of `_ROW` values, merged on the
-    host in float64), min, max, the finite and non-zero counts. The
-    quantile sketch and the histogram over `edges` (one row of `bins + 1`
-    edges per output, multiples of a power of two) count a systematic
-    sample of at most `sample_values` values per output (every k-th value,
-    `sample_stride`), or every value with `None`. Both count by integer
-    keys, so bucket boundaries are exact; scattering every value into them
-    is what costs most on a CPU.
+    sizes: np.ndarray  # values per output
+    row_starts: np.ndarray  # first row of each output, then the spare row
+    strides: np.ndarray
+    kept: np.ndarray  # sampled values per output
+    block_base: np.ndarray  # per sample block: its output's first sketch slot
+    tail_rows: np.ndarray  # the last row of each output with values, then the spare row
 
-    The sums, min and max are over all values, which is right unless some
-    value is not finite (then a row sum is not finite): the caller then
-    summarizes that batch again with `finite_only=True`, which masks them.
-    A condition on the device instead would keep every output of the batch
-    in memory at once (XLA's temporary memory grows several times).
+    @classmethod
+    def of(cls, shapes: Sequence[Sequence[int]], sample_values: int | None) -> "Layout":
+        sizes = np.asarray([int(np.prod(s, dtype=np.int64)) for s in shapes], np.int64)
+        channels = [int(s[-1]) if len(s) else 1 for s in shapes]
+        rows = -(-sizes // ROW)
+        starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+        strides = np.asarray([sample_stride(int(n), c, sample_values)
+                              for n, c in zip(sizes, channels)], np.int64)
+        kept = sizes // strides
+        blocks = -(-kept // BLOCK)
+        base = np.repeat(np.arange(len(sizes), dtype=np.int64) * sketch_buckets.SIZE, blocks)
+        # A spare row (zeros) and block (NaN) at the end: no buffer is ever empty.
+        base = np.append(base, 0).astype(np.int32)
+        tails = np.append((starts[:-1] + rows - 1)[sizes > 0], starts[-1]).astype(np.int32)
+        return cls(sizes, starts, strides, kept, base, tails)
+
+    @property
+    def outputs(self) -> int:
+        return len(self.sizes)
+
+
+def stage(outputs: Sequence[Any], sample_values: int | None):
+    """`(rows, sample, layout)` of one batch's outputs (keras.ops, inside the forward stage).
+
+    The layout comes from the outputs' static shapes, while tracing.
     """
     ops = keras.ops
-    bins = edges.shape[1] - 1
-    blocks, keys, slots, totals = [], [], [], []
+    layout = Layout.of([tuple(y.shape) for y in outputs], sample_values)
+    pieces, samples = [], []
     for i, y in enumerate(outputs):
-        size = int(np.prod(y.shape))
-        totals.append(size)
-        flat = ops.reshape(ops.cast(y, "float32"), (-1,))
-        full = size // _ROW
-        parts = [ops.reshape(flat[:full * _ROW], (full, _ROW))] if full else []
-        if size % _ROW:
-            parts.append(ops.reshape(flat[full * _ROW:], (1, size - full * _ROW)))
-        blocks.append(parts)
-        stride = sample_stride(size, y.shape[-1] if len(y.shape) else 1, sample_values)
-        if stride > 1:
-            kept = size // stride
-            flat = ops.reshape(flat[:kept * stride], (kept, stride))[:, 0]
-        key, slot = _sketch_key_and_slot(flat, edges[i], bins)
-        # One segment_sum for all outputs: each output has its own range of keys.
-        keys.append(key + i * (_SKETCH_SIZE + 1))
-        slots.append(slot + i * (bins + 3))
-
-    def rows(reduce, parts):
-        return ops.concatenate([reduce(part) for part in parts])
-
-    def count(reduce, parts):  # per-row counts are exact in float32, their total in int32
-        return ops.sum(ops.cast(rows(reduce, parts), "int32"))
-
-    sums, squares, lows, highs, nonzeros, finites = [], [], [], [], [], []
-    for parts, size in zip(blocks, totals):
-        if not parts:  # an output with no values (a zero-sized dimension)
-            sums.append(ops.zeros((0,)))
-            squares.append(ops.zeros((0,)))
-            lows.append(ops.convert_to_tensor(np.inf, "float32"))
-            highs.append(ops.convert_to_tensor(-np.inf, "float32"))
-            nonzeros.append(ops.convert_to_tensor(0, "int32"))
-            finites.append(ops.convert_to_tensor(0, "int32"))
+        size, stride, kept = int(layout.sizes[i]), int(layout.strides[i]), int(layout.kept[i])
+        if not size:
             continue
-        if finite_only:
-            keep = [ops.isfinite(p) for p in parts]
-            safe = [ops.where(k, p, 0.0) for k, p in zip(keep, parts)]
-            low = [ops.where(k, p, np.inf) for k, p in zip(keep, parts)]
-            high = [ops.where(k, p, -np.inf) for k, p in zip(keep, parts)]
-            finites.append(count(lambda k: ops.sum(ops.cast(k, "float32"), axis=1), keep))
-        else:
-            safe = low = high = parts
-            finites.append(ops.convert_to_tensor(size, "int32"))
-        sums.append(rows(lambda p: ops.sum(p, axis=1), safe))
-        squares.append(rows(lambda p: ops.sum(ops.square(p), axis=1), safe))
-        lows.append(ops.min(rows(lambda p: ops.min(p, axis=1), low)))
-        highs.append(ops.max(rows(lambda p: ops.max(p, axis=1), high)))
-        # |sign(v)| is 1 for a non-zero value: a cheap count on the CPU.
-        nonzeros.append(count(lambda p: ops.sum(ops.abs(ops.sign(p)), axis=1), safe))
-    key, slot = ops.concatenate(keys), ops.concatenate(slots)
-    return {
-        "total": np.asarray(totals, np.int64),
-        "sum": ops.concatenate(sums), "squares": ops.concatenate(squares),
-        "min": ops.stack(lows), "max": ops.stack(highs),
-        "nonzero": ops.stack(nonzeros), "finite": ops.stack(finites),
-        "sketch": ops.segment_sum(ops.ones_like(key), key,
-                                  num_segments=len(outputs) * (_SKETCH_SIZE + 1)),
-        "histogram": ops.segment_sum(ops.ones_like(slot), slot,
-                                     num_segments=len(outputs) * (bins + 3)),
-    }
+        # As few operations as possible: on TensorFlow each one costs a few
+        # microseconds per batch, and there are several per output.
+        flat = ops.reshape(y if y.dtype == "float32" else ops.cast(y, "float32"), (-1,))
+        pieces.append(flat)
+        if size % ROW:  # the host reads an output's last row itself
+            pieces.append(np.zeros(ROW - size % ROW, np.float32))
+        samples.append(flat if stride == 1 else flat[:kept * stride:stride])
+        if kept % BLOCK:
+            samples.append(np.full(BLOCK - kept % BLOCK, np.nan, np.float32))
+    pieces.append(np.zeros(ROW, np.float32))
+    samples.append(np.full(BLOCK, np.nan, np.float32))
+    rows = ops.reshape(ops.concatenate(pieces), (-1, ROW))
+    return rows, ops.concatenate(samples), layout
 
 
-def _sketch_key_and_slot(x, edges, bins):
-    """Sketch bucket and histogram slot of each value of `x` (one output's values).
+def summarize(rows, sample, block_base, tail_rows, accumulator):
+    """Row reductions of `rows` and the sketch of `sample` added to `accumulator` (keras.ops).
 
-    Sketch keys come from the float's bits: sign, exponent and the top
-    mantissa bits, ordered from the most negative to the most positive;
-    `_SKETCH_SIZE` drops a non-finite value. Edges are `(first + j) * width`
-    with `width` a power of two, so `floor(x / width)` is exact. Slot 0:
-    below the first edge; 1..bins: the bins (the last one closed); bins + 1:
-    above the last edge; bins + 2: dropped.
+    Returns `(reductions, tails, accumulator)`: `reductions` is `(5, R)`:
+    per row the sum, the sum of squares, min, max and the count of non-zero
+    values; `tails` the rows `tail_rows` (each output's last, partly
+    padding), which the host reduces itself. Arithmetic only (|sign| counts
+    non-zero values): a comparison in these loops makes XLA's CPU code
+    several times slower. TensorFlow's XLA sums a row's squares several
+    times faster as a product with a vector of ones, JAX's as a reduction
+    (measured on CPU).
     """
     ops = keras.ops
-    bits = ops.view(x, "int32")
-    magnitude = ops.bitwise_and(bits, 0x7FFFFFFF)
-    top = ops.right_shift(magnitude, 23 - _MANTISSA_BITS)
-    index = ops.clip(top, _TOP_LOW, _TOP_HIGH) - _TOP_LOW
-    key = ops.where(bits < 0, _MAGNITUDES - 1 - index, _MAGNITUDES + 1 + index)
-    key = ops.where(ops.equal(magnitude, 0), _MAGNITUDES, key)
-    dropped = top >= _TOP_NONFINITE
-    key = ops.where(dropped, _SKETCH_SIZE, key)
-    width = edges[1] - edges[0]
-    first = edges[0] / width
-    slot = ops.clip(ops.floor(x * (1.0 / width)), first - 1, first + bins) - first + 1
-    slot = ops.where(ops.equal(x, edges[-1]), bins, ops.cast(slot, "int32"))
-    return key, ops.where(dropped, bins + 2, slot)
+    if keras.backend.backend() == "tensorflow":
+        ones = ops.ones((ROW,), "float32")
+
+        def row_sum(values):
+            return ops.matmul(values, ones)
+    else:
+        def row_sum(values):
+            return ops.sum(values, axis=1)
+    reductions = ops.stack([
+        row_sum(rows), row_sum(ops.square(rows)),
+        ops.min(rows, axis=1), ops.max(rows, axis=1),
+        row_sum(ops.abs(ops.sign(rows))),
+    ])
+    base = ops.expand_dims(block_base, 1)
+    # Dropped values go to the accumulator's last slot, so the host reads
+    # the buckets as one contiguous (outputs, SIZE) array.
+    dropped = accumulator.shape[0] - 1 - base
+    key = ops.reshape(sketch_buckets.keys(ops.reshape(sample, (-1, BLOCK)), dropped) + base, (-1,))
+    counts = ops.segment_sum(ops.ones_like(key), key, num_segments=accumulator.shape[0])
+    return reductions, ops.take(rows, tail_rows, axis=0), accumulator + counts
 
 
 class Stats:
@@ -189,25 +167,63 @@ class Stats:
     def __init__(self, outputs: int):
         self.outputs = outputs
         self.total = np.zeros(outputs, np.int64)
-        self.count = np.zeros(outputs, np.int64)
+        self.count = np.zeros(outputs, np.int64)  # finite values
         self.zeros = np.zeros(outputs, np.int64)
         self.mean = np.zeros(outputs, np.float64)
         self.m2 = np.zeros(outputs, np.float64)
         self.low = np.full(outputs, np.inf)
         self.high = np.full(outputs, -np.inf)
-        self.sketch = np.zeros((outputs, _SKETCH_SIZE), np.int64)
-        self.histogram: np.ndarray | None = None
+        self.sketch = np.zeros((outputs, sketch_buckets.SIZE), np.int32)
 
-    def add(self, summary: Mapping[str, np.ndarray]) -> None:
+    def add(self, layout: Layout, reductions: np.ndarray, tails: np.ndarray,
+            values: Callable[[int], np.ndarray]) -> None:
+        """Merges one batch: `reductions` and `tails` from `summarize`.
+
+        `values(i)` gives output i's values, read only when it holds a
+        non-finite value outside its last row (or its float32 sums overflow).
+        """
+        sizes, starts = layout.sizes, layout.row_starts
+        has_rows = sizes > 0
+        # Whole rows on the device: all of an output's rows but its last.
+        first, end = starts[:-1], np.where(has_rows, starts[1:] - 1, starts[:-1])
+        sums, squares, lows, highs, nonzeros = (np.asarray(r, np.float64) for r in reductions)
+
+        def ranged(values):  # sums over [first, end) per output
+            prefix = np.concatenate([[0.0], np.cumsum(values)])
+            return prefix[end] - prefix[first]
+
+        def extreme(values, reduce, empty):
+            result = np.full(len(sizes), empty)
+            some = end > first
+            if some.any():
+                bounds = np.stack([first[some], end[some]], axis=1).reshape(-1)
+                result[some] = reduce.reduceat(values, bounds)[::2]
+            return result
+
+        with np.errstate(invalid="ignore", over="ignore"):
+            sum_, square, nonzero = ranged(sums), ranged(squares), ranged(nonzeros)
+            low, high = extreme(lows, np.minimum, np.inf), extreme(highs, np.maximum, -np.inf)
+        count = (end - first) * ROW
+        bad = (end > first) & ~(np.isfinite(sum_) & np.isfinite(square) & np.isfinite(low)
+                                & np.isfinite(high))
+        # The last rows, in float64 on the host, their padding left out.
+        tails = np.asarray(tails, np.float64)[:-1]
+        valid = np.arange(ROW)[None, :] < (sizes[has_rows] - (end - first)[has_rows] * ROW)[:, None]
+        finite = valid & np.isfinite(tails)
+        kept = np.where(finite, tails, 0.0)
+        sum_[has_rows] += kept.sum(axis=1)
+        square[has_rows] += np.square(kept).sum(axis=1)
+        low[has_rows] = np.minimum(low[has_rows], np.where(finite, tails, np.inf).min(axis=1))
+        high[has_rows] = np.maximum(high[has_rows], np.where(finite, tails, -np.inf).max(axis=1))
+        nonzero[has_rows] += (valid & (tails != 0)).sum(axis=1)
+        count[has_rows] += finite.sum(axis=1)
+        for i in np.flatnonzero(bad):
+            sum_[i], square[i], low[i], high[i], nonzero[i], count[i] = _exact(values(i))
+        self._merge(sum_, square, count, low, high, sizes - nonzero, sizes)
+
+    def _merge(self, sums, squares, count, low, high, zeros, sizes) -> None:
         n = self.outputs
-        # Each output's row sums: ceil(size / _ROW) of them, in order.
-        layer = np.repeat(np.arange(n), -(-np.asarray(summary["total"]) // _ROW))
-
-        def per_output(values):
-            return np.bincount(layer, weights=np.asarray(values, np.float64), minlength=n)
-
-        count = np.asarray(summary["finite"], np.int64)
-        sums, squares = per_output(summary["sum"]), per_output(summary["squares"])
+        count = count.astype(np.int64)
         mean = sums / np.maximum(count, 1)
         m2 = np.maximum(squares - count * mean * mean, 0.0)
         # This batch merges with the previous ones (Chan et al.).
@@ -217,41 +233,16 @@ class Stats:
         self.m2 += m2 + delta**2 * self.count * weight
         self.mean += delta * weight
         self.count = merged
-        self.total += np.asarray(summary["total"], np.int64)
-        self.zeros += count - np.asarray(summary["nonzero"], np.int64)
-        self.low = np.minimum(self.low, np.asarray(summary["min"], np.float64))
-        self.high = np.maximum(self.high, np.asarray(summary["max"], np.float64))
-        self.sketch += summary["sketch"].reshape(n, -1)[:, :_SKETCH_SIZE]
-        if "histogram" in summary:
-            histogram = summary["histogram"].reshape(n, -1)[:, :-1].astype(np.int64)
-            self.histogram = histogram if self.histogram is None else self.histogram + histogram
+        self.total += sizes
+        self.zeros += np.rint(zeros).astype(np.int64)
+        self.low = np.minimum(self.low, low)
+        self.high = np.maximum(self.high, high)
 
-    def percentiles(self, i: int, levels: Sequence[float]) -> np.ndarray:
-        """Percentiles of the sketched values, clipped to the exact min and max.
-
-        Levels 0 and 100 are the exact min and max.
-        """
-        n, low, high = int(self.sketch[i].sum()), self.low[i], self.high[i]
-        if not n:
-            return np.full(len(levels), np.nan)
-        ranks = (n - 1) * np.asarray(levels, np.float64) / 100.0
-        below = np.floor(ranks).astype(np.int64)
-        above = np.minimum(below + 1, n - 1)
-        cumulative = np.cumsum(self.sketch[i])
-
-        def value(rank):
-            found = np.clip(_SKETCH_VALUES[np.searchsorted(cumulative, rank, side="right")],
-                            low, high)
-            return np.where(rank == 0, low, np.where(rank == n - 1, high, found))
-
-        low_values = value(below)
-        return low_values + (ranks - below) * (value(above) - low_values)
-
-    def result(self, i: int, levels: Sequence[float]) -> dict[str, Any]:
-        """The statistics of output `i` as a dict of floats and arrays."""
+    def result(self, i: int, percentiles: np.ndarray) -> dict[str, Any]:
+        """The statistics of output `i` as a dict of floats, with its row of `percentiles`."""
         count, total = int(self.count[i]), max(int(self.total[i]), 1)
         finite = count > 0
-        result = {
+        return {
             "count": int(self.total[i]),
             "mean": float(self.mean[i]) if finite else math.nan,
             "std": math.sqrt(max(self.m2[i], 0.0) / count) if finite else math.nan,
@@ -259,41 +250,23 @@ class Stats:
             "max": float(self.high[i]) if finite else math.nan,
             "zero_frac": int(self.zeros[i]) / total,
             "nonfinite_frac": (int(self.total[i]) - count) / total,
-            "percentiles": self.percentiles(i, levels),
+            "percentiles": np.asarray(percentiles, np.float64),
         }
-        if self.histogram is not None:
-            result["underflow"] = int(self.histogram[i, 0])
-            result["histogram"] = self.histogram[i, 1:-1].copy()
-            result["overflow"] = int(self.histogram[i, -1])
-        return result
+
+    def sketched(self) -> sketch_buckets.Sketch:
+        """The sketch of the sampled values (`_activation_sketch`)."""
+        return sketch_buckets.Sketch(self.sketch, self.low, self.high)
+
+    def percentiles(self, levels: Sequence[float]) -> np.ndarray:
+        """Percentiles `(outputs, levels)` of the sampled values."""
+        return self.sketched().percentiles(self.low, self.high, levels)
 
 
-def fixed_edges(low: float, high: float, bins: int) -> np.ndarray:
-    """`bins + 1` edges `(first + j) * width` covering [low, high], width a power of two.
-
-    Power-of-two widths make a value's bin exact in float32 arithmetic on the
-    device. The bins are at most about twice as wide as a tight fit; the span
-    is at least 1e-4 of the largest magnitude.
-    """
-    if not (math.isfinite(low) and math.isfinite(high)):
-        low, high = -1.0, 1.0
-    span = max(high - low, 1e-4 * max(abs(low), abs(high)), 2.0**-60)
-    exponent = math.floor(math.log2(span / bins))
-    while True:
-        width = 2.0**exponent
-        first = math.floor(low / width)
-        if (first + bins) * width >= high:
-            break
-        exponent += 1
-    return (first + np.arange(bins + 1, dtype=np.float64)) * width
-
-
-def aligned(edges: Sequence[float], bins: int) -> bool:
-    """Whether `edges` are `bins + 1` edges as `fixed_edges` makes them."""
-    edges = np.asarray(edges, np.float64)
-    if edges.shape != (bins + 1,) or not np.all(np.isfinite(edges)):
-        return False
-    width = edges[1] - edges[0]
-    first = edges[0] / width
-    return (width > 0 and math.frexp(width)[0] == 0.5 and first == math.floor(first)
-            and np.array_equal(edges, (first + np.arange(bins + 1)) * width))
+def _exact(values: np.ndarray):
+    """Sum, sum of squares, min, max, non-zero and finite counts of `values`, in float64."""
+    values = values.astype(np.float64)
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return 0.0, 0.0, np.inf, -np.inf, float(np.count_nonzero(values)), 0.0
+    return (float(finite.sum()), float(np.square(finite).sum()), float(finite.min()),
+            float(finite.max()), float(np.count_nonzero(values)), float(finite.size))

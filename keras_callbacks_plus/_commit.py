@@ -51,7 +51,9 @@ def write_sidecar(storage: Storage, checkpoint: str, info: FileInfo, record: Map
         "file": storage.name(checkpoint),
         **info.to_record(),
     }
-    data = json.dumps(record, indent=2, sort_keys=True, default=float).encode()
+    # Compact: indented, the resume record's RNG states (~1250 ints) took a
+    # line each and doubled the sidecar (issue #21: under 20 KB).
+    data = json.dumps(record, sort_keys=True, separators=(",", ":"), default=float).encode()
     return storage.write_bytes(sidecar_path(checkpoint), data)
 
 

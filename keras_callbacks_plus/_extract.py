@@ -5,8 +5,8 @@ over the model's own layers (shared, never copied; nested models are traced
 again so that their inner outputs become tensors of the outer graph). The
 extractor runs through `Model.stateless_call`: the model's variable values go
 in, the updates come back and are dropped, so nothing the model holds
-changes. `Evaluator` compiles it once per phase, returning the outputs or
-their streamed statistics (`_activation_stats`).
+changes. `Evaluator` compiles it once per phase (and input shape), returning
+the outputs or their streamed statistics (`_activation_stats`).
 
 Only layers with a symbolic output can be read: those of a Functional or
 Sequential model, and of the graph models nested in it (not the sublayers of
@@ -22,8 +22,8 @@ import keras
 import numpy as np
 
 from keras_callbacks_plus import _layers, distribute
-from keras_callbacks_plus._activation_stats import Stats
-from keras_callbacks_plus._activation_stats import summarize as summarize_outputs
+from keras_callbacks_plus._activation_sketch import SIZE as SKETCH_SIZE
+from keras_callbacks_plus._activation_stats import ROW, Layout, Stats, stage, summarize
 
 # ---------------------------------------------------------------- layers
 
@@ -153,86 +153,229 @@ def _build_extractor(model: keras.Model, paths: Sequence[str]) -> tuple[keras.Mo
 # ------------------------------------------------------------ evaluation
 
 
+def _graph_function(fn):
+    """`fn` traced once per input shape into the backend's graph.
+
+    `jax.jit` on JAX; on TensorFlow a `tf.function` without XLA: its CPU
+    convolutions (oneDNN) are several times faster than XLA's, and tracing a
+    model-sized graph takes seconds where XLA takes a minute.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn)
+    return distribute.compile_function(fn)
+
+
+def _is_float(variable) -> bool:
+    return "float" in str(variable.dtype)
+
+
+class _Forward:
+    """The extractor's stateless forward stage, compiled once per phase and input shape.
+
+    `fn(trainable, non_trainable, x, *args)` returns `(result, non_trainable)`.
+    On TensorFlow (one device) the graph reads the weights itself: passing a
+    few hundred tensors into a `tf.function` costs more than the forward pass
+    of a small model. Only the integer state (seed generators) goes in and
+    out, so that it moves on from batch to batch as in a real epoch; the
+    updates are dropped after the probe. JAX passes the whole state.
+    """
+
+    def __init__(self, extractor: keras.Model, fn, captured: bool):
+        self.extractor, self.captured = extractor, captured
+        self._trainable = list(extractor.trainable_variables)
+        self._non_trainable = list(extractor.non_trainable_variables)
+        self._carried = [i for i, v in enumerate(self._non_trainable) if not _is_float(v)]
+        if not captured:
+            self._function = _graph_function(fn)
+            return
+
+        def run(x, carried, *args):
+            trainable = [v.value for v in self._trainable]
+            non_trainable = [v.value for v in self._non_trainable]
+            for i, value in zip(self._carried, carried):
+                non_trainable[i] = value
+            result, after = fn(trainable, non_trainable, x, *args)
+            return result, [after[i] for i in self._carried]
+
+        self._function = _graph_function(run)
+
+    def start(self, local: bool):
+        """The state the first batch starts from (this worker's first replica if `local`)."""
+        def values(variables):
+            if local:
+                return [keras.ops.convert_to_tensor(distribute.local_value(v)) for v in variables]
+            return [keras.ops.convert_to_tensor(v) for v in variables]
+
+        if self.captured:
+            return values([self._non_trainable[i] for i in self._carried])
+        return values(self._trainable), values(self._non_trainable)
+
+    def __call__(self, x, state, *args):
+        """`(result, state for the next batch)`."""
+        if self.captured:
+            return self._function(x, state, *args)
+        trainable, non_trainable = state
+        result, non_trainable = self._function(trainable, non_trainable, x, *args)
+        return result, (trainable, non_trainable)
+
+
+# Where the statistics program runs. On JAX after the forward program, which
+# lays the outputs out in one buffer (`stage`) as its layers make them. On
+# TensorFlow inside the forward graph (which runs without XLA), as an XLA
+# cluster that copies and reduces the outputs: one call per batch, where a
+# second call taking 150 outputs as arguments, or copying them in the graph,
+# cost a forward pass more per phase (measured on CPU).
+def _fused() -> bool:
+    return keras.backend.backend() == "tensorflow"
+
+
+_summarize_functions: dict = {}
+
+
+def _summarize_rows(*args):
+    """`summarize`, compiled once per process and traced per buffer shape.
+
+    One program serves both phases and every model with the same layout.
+    """
+    if "rows" not in _summarize_functions:
+        _summarize_functions["rows"] = distribute.compile_function(summarize)
+    return _summarize_functions["rows"](*args)
+
+
+def _summarize_outputs(sample_values: int | None):
+    """`summarize` after `stage`, as an XLA function to call inside a TensorFlow graph.
+
+    Traced per model (its outputs' shapes): a few seconds for 150 outputs.
+    """
+    if sample_values not in _summarize_functions:
+        import tensorflow as tf
+
+        def function(outputs, block_base, tail_rows, accumulator):
+            rows, sample, _ = stage(outputs, sample_values)
+            return summarize(rows, sample, block_base, tail_rows, accumulator)
+
+        _summarize_functions[sample_values] = tf.function(function, jit_compile=True)
+    return _summarize_functions[sample_values]
+
+
+def _shapes(x) -> tuple:
+    return tuple(tuple(np.shape(leaf)) for leaf in keras.tree.flatten(x))
+
+
 class Evaluator:
     """Runs the chosen layers of a model statelessly, compiled once per phase."""
 
     def __init__(self, model: keras.Model, paths: Sequence[str]):
         self.paths = list(paths)
         self.extractor, self.names = _build_extractor(model, paths)
-        self._functions: dict[tuple, Any] = {}
+        self._forwards: dict[tuple, _Forward] = {}
+        # (phase, sample_values, input shapes) -> Layout, recorded while tracing.
+        self._layouts: dict[tuple, Layout] = {}
+        self._indices: dict[tuple, list] = {}
 
-    def _function(self, training: bool, summarize: bool, sample_values: int | None = None,
-                  finite_only: bool = False):
-        key = (training, summarize, sample_values, finite_only)
-        if key not in self._functions:
+    @staticmethod
+    def _local(model: keras.Model) -> bool:
+        """Whether to evaluate this worker's first replica (data-parallel twin, several workers).
+
+        Reading it involves no collective, so the evaluation runs on one device.
+        """
+        return distribute.num_replicas(model) > 1 or distribute.num_workers() > 1
+
+    def _forward(self, training: bool, summary: bool, sample_values: int | None,
+                 local: bool) -> _Forward:
+        key = (training, summary, sample_values, local)
+        if key not in self._forwards:
             extractor = self.extractor
 
-            def run(trainable, non_trainable, x, edges):
+            def run(trainable, non_trainable, x, *accumulator):
                 outputs, non_trainable = extractor.stateless_call(
                     trainable, non_trainable, x, training=training
                 )
                 outputs = keras.tree.flatten(outputs)
-                if not summarize:
+                if not summary:
                     return outputs, non_trainable
-                summary = summarize_outputs(outputs, edges, sample_values, finite_only)
-                return summary, non_trainable
+                key = (training, sample_values, _shapes(x))
+                if not _fused():
+                    rows, sample, self._layouts[key] = stage(outputs, sample_values)
+                    return (rows, sample), non_trainable
+                layout = Layout.of([tuple(y.shape) for y in outputs], sample_values)
+                self._layouts[key] = layout
+                summary_ = _summarize_outputs(sample_values)(
+                    outputs, layout.block_base, layout.tail_rows, *accumulator
+                )
+                return summary_, non_trainable
 
-            self._functions[key] = distribute.compile_function(run)
-        return self._functions[key]
-
-    def state(self, model: keras.Model):
-        """The current values of the extractor's variables, without copying where possible.
-
-        A data-parallel twin's variables live on several devices (and maybe
-        workers); this worker's first replica is read to the host, so the
-        evaluation runs on one device and involves no collective.
-        """
-        local = distribute.num_replicas(model) > 1 or distribute.num_workers() > 1
-
-        def values(variables):
-            if local:
-                return [keras.ops.convert_to_tensor(distribute.local_value(v)) for v in variables]
-            return [keras.ops.convert_to_tensor(v) for v in variables]
-
-        return (values(self.extractor.trainable_variables),
-                values(self.extractor.non_trainable_variables))
+            captured = keras.backend.backend() == "tensorflow" and not local
+            self._forwards[key] = _Forward(extractor, run, captured)
+        return self._forwards[key]
 
     def outputs(self, model, x, training: bool) -> list[np.ndarray]:
-        trainable, non_trainable = self.state(model)
-        outputs, _ = self._function(training, False)(trainable, non_trainable, x, None)
+        local = self._local(model)
+        forward = self._forward(training, False, None, local)
+        outputs, _ = forward(x, forward.start(local))
         return [keras.ops.convert_to_numpy(y) for y in outputs]
 
-    def statistics(self, model, batches, training: bool, edges: np.ndarray,
-                   keep_histogram: bool = True, sample_values: int | None = None) -> Stats:
-        """Streams `batches` through the layers; `edges` has shape `(outputs, bins + 1)`.
+    def statistics(self, model, batches, training: bool,
+                   sample_values: int | None = None) -> Stats:
+        """Streams `batches` through the layers: the statistics and sketch of every output.
 
-        With `keep_histogram=False` the edges are placeholders (the first
-        pass, which finds the range) and the histogram is dropped; the same
-        compiled function serves both passes. `sample_values` as in
-        `summarize`.
+        `sample_values` as in `_activation_stats`.
         """
-        trainable, non_trainable = self.state(model)
-        function = self._function(training, True, sample_values)
-        edges = keras.ops.convert_to_tensor(np.asarray(edges, np.float32))
+        local = self._local(model)
+        forward = self._forward(training, True, sample_values, local)
+        state = forward.start(local)
         stats = Stats(len(self.names))
-
-        def summarize(function, x, non_trainable):
-            summary, after = function(trainable, non_trainable, x, edges)
-            return {k: keras.ops.convert_to_numpy(v) for k, v in summary.items()}, after
-
+        accumulator = keras.ops.zeros((len(self.names) * SKETCH_SIZE + 1,), "int32")
         for x in batches:
-            # Seed states move on from batch to batch, as in a real epoch;
-            # the updates are dropped after the probe.
-            summary, after = summarize(function, x, non_trainable)
-            if not np.all(np.isfinite(summary["sum"])):
-                # Some value is not finite: the same batch again, masking them.
-                masked = self._function(training, True, sample_values, finite_only=True)
-                summary, _ = summarize(masked, x, non_trainable)
-            non_trainable = after
-            if not keep_histogram:
-                summary.pop("histogram")
-            stats.add(summary)
+            before = state
+            if _fused():
+                (reductions, tails, accumulator), state = forward(x, state, accumulator)
+                layout = self._layouts[(training, sample_values, _shapes(x))]
+                values = self._recomputed(model, x, training, local, before)
+            else:
+                (rows, sample), state = forward(x, state)
+                key = (training, sample_values, _shapes(x))
+                layout = self._layouts[key]
+                if key not in self._indices:  # converted once: a conversion per batch costs
+                    self._indices[key] = [keras.ops.convert_to_tensor(layout.block_base),
+                                          keras.ops.convert_to_tensor(layout.tail_rows)]
+                reductions, tails, accumulator = _summarize_rows(
+                    rows, sample, *self._indices[key], accumulator
+                )
+                values = _from_rows(layout, rows)
+            stats.add(layout, keras.ops.convert_to_numpy(reductions),
+                      keras.ops.convert_to_numpy(tails), values)
+        counts = keras.ops.convert_to_numpy(accumulator)[:-1]
+        stats.sketch = counts.reshape(len(self.names), SKETCH_SIZE)
         return stats
+
+    def _recomputed(self, model, x, training, local, state):
+        """`values(i)` of a batch whose outputs stayed inside the graph: run it again.
+
+        The same state gives the same outputs (seeds included). Only for an
+        output with a non-finite value, so rarely.
+        """
+        found: list = []
+
+        def values(i: int) -> np.ndarray:
+            if not found:
+                forward = self._forward(training, False, None, local)
+                found.append(forward(x, state)[0])
+            return keras.ops.convert_to_numpy(found[0][i]).reshape(-1)
+
+        return values
+
+
+def _from_rows(layout: Layout, rows):
+    """`values(i)`: output i's values, read from the rows buffer (on the host)."""
+    def values(i: int) -> np.ndarray:
+        start = int(layout.row_starts[i]) * ROW
+        flat = keras.ops.convert_to_numpy(rows).reshape(-1)
+        return flat[start:start + int(layout.sizes[i])]
+
+    return values
 
 
 # model -> {layer paths: Evaluator}; one compiled evaluator per selection.

@@ -18,14 +18,12 @@ back and are dropped, so nothing the model holds changes (`_extract`).
 Statistics stream over the probe's batches; the host keeps a fixed-size
 summary per layer and phase, so memory does not grow with the probe (beyond
 one batch) or with the epochs. Min, max, the zero and non-finite counts are
-exact; mean and standard deviation are merged in float64
-from float32 sums over rows of 1024 values; percentiles come from a quantile
-sketch, within 0.39% of NumPy's; percentiles and histogram count a sample of
-at most `sample_values` values per output and batch (see `_activation_stats`
-for the bounds).
-The histogram's edges are fixed at the first logged epoch, as
-`(k + j) * 2**e` covering its range; later values outside them are counted
-as underflow and overflow.
+exact; mean and standard deviation are merged in float64 from float32 sums
+over rows of 1024 values; percentiles come from a quantile sketch, within
+0.39% of NumPy's; percentiles and histogram count a sample of at most
+`sample_values` values per output and batch (`_activation_stats`,
+`_activation_sketch`). Histogram edges are chosen per logged epoch from the
+sketch and kept while the values stay inside them.
 """
 
 from __future__ import annotations
@@ -38,12 +36,12 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import keras
 import numpy as np
 
-from keras_callbacks_plus import distribute
+from keras_callbacks_plus import _storage, distribute
 from keras_callbacks_plus._activation_log import (
     LOCK_WAIT_AT_END_S,
     STATISTICS,
@@ -53,8 +51,9 @@ from keras_callbacks_plus._activation_log import (
     read_activation_log,
     versions,
 )
-from keras_callbacks_plus._activation_stats import aligned, fixed_edges
+from keras_callbacks_plus._activation_sketch import MAX_BINS, choose_edges
 from keras_callbacks_plus._base import PlusCallback
+from keras_callbacks_plus._validate import check_int, invalid, is_int
 from keras_callbacks_plus._extract import (
     Evaluator,
     check_fits,
@@ -146,15 +145,6 @@ class _Probe:
 # -------------------------------------------------------------- callback
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(
-            f"Invalid value for argument {name}. Expected an int >= {minimum}. "
-            f"Received: {name}={value!r}"
-        )
-    return int(value)
-
-
 def _level_name(level: float) -> str:
     return f"p{level:g}"
 
@@ -172,13 +162,24 @@ class ActivationLogger(PlusCallback):
 
     Per layer and phase it records the mean, standard deviation, min, max,
     `percentiles`, the fraction of exact zeros (dead units) and of non-finite
-    values, and a histogram over `bins` fixed bins. The edges are set at the
-    first logged epoch to cover its min and max (multiples of a power of two,
-    at most about twice as wide as a tight fit) and kept, so epochs compare;
-    later values outside them are counted as underflow and overflow. Mean,
-    std, min, max and percentiles are over the finite values, the two
-    fractions over all values. Percentiles come from a quantile sketch,
-    within 0.39% of the exact values (module docstring).
+    values, and a histogram over `bins` bins. Mean, std, min, max and
+    percentiles are over the finite values, the two fractions over all
+    values. Percentiles come from a quantile sketch, within 0.39% of the
+    exact values (module docstring).
+
+    Histogram edges follow the distribution: at the first logged epoch they
+    cover the sampled 0.1 to 99.9 percentiles plus 10% of that range on each
+    side, so a few outliers do not squeeze the bins;
+    later epochs keep them, so epochs compare, as long as at most 1% of the
+    values fall outside them and the distribution has not shrunk to a
+    quarter of their width, else they are chosen again at that epoch. So a
+    layer whose scale grows tenfold still has at most about 1% of its values
+    outside the edges at every epoch. Values outside are counted as underflow
+    and overflow; each epoch's edges are logged. Edges are multiples of a
+    power of two (or of three times one) in which the sketch's buckets nest,
+    so the histogram counts the sampled values exactly, in half-open bins;
+    the price is resolution: a bin is at least 1/256 of the largest edge's
+    magnitude wide, and bins span up to 1.5 times a tight fit.
 
     Percentiles and the histogram are computed from a systematic sample of
     at most `sample_values` values of each output per probe batch (every
@@ -190,11 +191,15 @@ class ActivationLogger(PlusCallback):
     included); `sample_values=None` counts every value.
 
     Cost: per logged epoch and phase, one pass of the probe through the
-    model that keeps the chosen outputs, and their statistics on the device
-    (the first logged epoch makes one more pass, to find the range, and
-    compiles). `benchmarks/activation_logger_cost.py` measures it.
+    model that keeps the chosen outputs, then one small program reduces
+    them on the device (on TensorFlow inside the same graph, as one XLA
+    cluster). Train begin compiles the forward pass once per phase (on
+    TensorFlow a graph without XLA) and the statistics once per batch
+    shape: seconds, also for 150 layers.
+    `benchmarks/activation_logger_cost.py` measures both.
 
-    Records go to an HDF5 file (`h5_path`; read it with
+    Records go to an HDF5 file (`h5_path`, a path or a URL such as
+    `s3://bucket/run/activations.h5`; read it with
     `read_activation_log`, draw it with `python -m keras_callbacks_plus
     report`), to TensorBoard (`tensorboard_dir`, histograms
     `activations_<phase>/<layer>`) and, with `log_scalars`, into the epoch
@@ -224,9 +229,16 @@ class ActivationLogger(PlusCallback):
             1`, ...). Defaults to 1.
         percentiles: percentiles to record, in [0, 100]. Defaults to
             `(1, 50, 99)`.
-        bins: number of histogram bins. Defaults to 64.
+        bins: number of histogram bins, from 2 to 512. Defaults to 64.
         h5_path: HDF5 file to append to; an existing log gets a new run,
-            anything else there is an error. Defaults to `None`: no file.
+            anything else there is an error. A local path is written in
+            place (readable by another process while training runs); an
+            fsspec URL (`s3://...`, `gs://...`, `memory://...`) through a
+            local copy, uploaded whole after each logged epoch. Defaults to
+            `None`: no file.
+        storage_options: for an `h5_path` URL, the fsspec file system's
+            options (credentials, `client_kwargs={"endpoint_url": ...}`).
+            Defaults to `None`.
         tensorboard_dir: folder for TensorBoard histograms; needs TensorFlow
             importable (any backend), else a warning and no histograms.
             Defaults to `None`.
@@ -241,11 +253,15 @@ class ActivationLogger(PlusCallback):
         verbose: 1 to print a line per logged epoch. Defaults to 0.
 
     Raises:
+        ImportError: an `h5_path` URL whose fsspec package (e.g. s3fs) is
+            not installed (in the constructor).
         ValueError: bad arguments (in the constructor); at train begin, an
             unknown layer (the message lists close matches and the available
             ones), a probe
             that does not fit the model's inputs, or an `h5_path` that cannot
             be written.
+        PermissionError: at train begin, an `h5_path` URL that cannot be
+            written (missing bucket, credentials).
 
     Example:
 
@@ -268,6 +284,7 @@ class ActivationLogger(PlusCallback):
         percentiles: Sequence[float] = (1, 50, 99),
         bins: int = 64,
         h5_path: str | os.PathLike | None = None,
+        storage_options: Mapping[str, Any] | None = None,
         tensorboard_dir: str | os.PathLike | None = None,
         log_scalars: bool | Sequence[str] = False,
         batch_size: int = 32,
@@ -275,35 +292,29 @@ class ActivationLogger(PlusCallback):
         verbose: int = 0,
     ):
         super().__init__(verbose=verbose)
-        self.every = _check_int("every", every, 1)
-        self.bins = _check_int("bins", bins, 1)
-        self.sample_values = (None if sample_values is None
-                              else _check_int("sample_values", sample_values, 1))
-        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.every = check_int("every", every, 1)
+        if not is_int(bins, 2) or bins > MAX_BINS:
+            # The sketch behind the histograms resolves no finer.
+            raise invalid("bins", f"an int in [2, {MAX_BINS}]", bins)
+        self.bins = int(bins)
+        self.sample_values = check_int("sample_values", sample_values, 1, allow_none=True)
+        self.batch_size = check_int("batch_size", batch_size, 1)
         phases = (phases,) if isinstance(phases, str) else tuple(phases)
         if not phases or any(p not in PHASES for p in phases) or len(set(phases)) != len(phases):
-            raise ValueError(
-                "Invalid value for argument phases. Expected a non-empty list of "
-                f"distinct phases among {PHASES}. Received: phases={phases!r}"
-            )
+            raise invalid("phases", f"a non-empty list of distinct phases among {PHASES}", phases)
         self.phases = phases
         try:
             levels = tuple(float(p) for p in percentiles)
         except (TypeError, ValueError):
             levels = (math.nan,)
         if not all(0.0 <= p <= 100.0 for p in levels):
-            raise ValueError(
-                "Invalid value for argument percentiles. Expected numbers in "
-                f"[0, 100]. Received: percentiles={percentiles!r}"
-            )
+            raise invalid("percentiles", "numbers in [0, 100]", percentiles)
         self.percentiles = levels
         if layers is not None and not (
             isinstance(layers, str) or all(isinstance(p, str) for p in layers)
         ) or layers == []:
-            raise ValueError(
-                "Invalid value for argument layers. Expected None, a layer name or "
-                f"pattern, or a non-empty list of them. Received: layers={layers!r}"
-            )
+            raise invalid("layers", "None, a layer name or pattern, or a non-empty list of them",
+                          layers)
         self.layers = layers
         scalar_names = (*STATISTICS, *(_level_name(p) for p in levels))
         if log_scalars is True:
@@ -314,13 +325,17 @@ class ActivationLogger(PlusCallback):
             names = (log_scalars,) if isinstance(log_scalars, str) else tuple(log_scalars)
             unknown = [n for n in names if n not in scalar_names]
             if unknown or not names:
-                raise ValueError(
-                    "Invalid value for argument log_scalars. Expected True, False or "
-                    f"a list of statistics among {scalar_names}. "
-                    f"Received: log_scalars={log_scalars!r}"
-                )
+                raise invalid("log_scalars",
+                              f"True, False or a list of statistics among {scalar_names}",
+                              log_scalars)
             self.log_scalars = names
-        self.h5_path = None if h5_path is None else Path(h5_path)
+        self.h5_path: Path | str | None = None
+        self._storage: _storage.Storage | None = None
+        if h5_path is not None:
+            self._storage = _storage.open_storage(h5_path, storage_options,
+                                                  owner="ActivationLogger", argument="h5_path")
+            self.h5_path = (Path(os.fspath(h5_path).removeprefix("file://"))
+                            if self._storage.atomic_rename else os.fspath(h5_path))
         self.tensorboard_dir = None if tensorboard_dir is None else Path(tensorboard_dir)
         self._probe = _Probe(probe, self.batch_size)
         self._restored: dict[str, Any] = {}
@@ -329,7 +344,8 @@ class ActivationLogger(PlusCallback):
     def _reset(self) -> None:
         self._paths: list[str] = []
         self._evaluator: Evaluator | None = None
-        self._edges: dict[str, dict[str, list[float]]] = {}
+        # Each phase's edges of the last logged epoch, `(outputs, bins + 1)`.
+        self._edges: dict[str, np.ndarray] = {}
         self._h5: H5Log | None = None
         self._tensorboard: TensorBoardWriter | None = None
         self._evaluates = False
@@ -368,19 +384,13 @@ class ActivationLogger(PlusCallback):
         # Compile and run once now, so that a layer that cannot run
         # statelessly fails before the first step rather than after an epoch.
         for phase in self.phases:
-            self._evaluator.statistics(model, [first], phase == "train",
-                                       self._placeholder_edges(), keep_histogram=False,
-                                       sample_values=self.sample_values)
-        self._edges = {
-            phase: {name: list(edges) for name, edges in restored.get("bin_edges", {})
-                    .get(phase, {}).items() if aligned(edges, self.bins)}
-            for phase in self.phases
-        }
+            self._evaluator.statistics(model, [first], phase == "train", self.sample_values)
         if not self._writes:
             return
         if self.h5_path is not None:
-            self._h5 = H5Log(self.h5_path, self._run_attrs(), restored.get("run"))
+            self._h5 = H5Log(self.h5_path, self._run_attrs(), restored.get("run"), self._storage)
             self._run = self._h5.run
+            self._edges = dict(self._h5.last_edges)
         if self.tensorboard_dir is not None:
             try:
                 self._tensorboard = TensorBoardWriter(self.tensorboard_dir)
@@ -415,22 +425,19 @@ class ActivationLogger(PlusCallback):
         start = time.perf_counter()
         model, evaluator, records = self.model, self._evaluator, []
         for phase in self.phases:
-            training, known = phase == "train", self._edges.setdefault(phase, {})
-            if any(name not in known for name in evaluator.names):
-                # First logged epoch: one pass for the range, then the edges are fixed.
-                ranges = evaluator.statistics(model, self._probe.batches(), training,
-                                              self._placeholder_edges(), keep_histogram=False,
-                                              sample_values=self.sample_values)
-                for i, name in enumerate(evaluator.names):
-                    known.setdefault(
-                        name, list(fixed_edges(ranges.low[i], ranges.high[i], self.bins))
-                    )
-            edges = np.asarray([known[name] for name in evaluator.names], np.float64)
-            stats = evaluator.statistics(model, self._probe.batches(), training, edges,
-                                         sample_values=self.sample_values)
+            stats = evaluator.statistics(model, self._probe.batches(), phase == "train",
+                                         self.sample_values)
+            sketch = stats.sketched()
+            levels = sketch.percentiles(stats.low, stats.high, self.percentiles)
+            edges = choose_edges(sketch, stats.low, stats.high, self.bins,
+                                 self._edges.get(phase))
+            self._edges[phase] = edges
+            histogram, underflow, overflow = sketch.histograms(edges)
             for i, (name, spec) in enumerate(zip(evaluator.names, evaluator.extractor.outputs)):
-                records.append(Record(phase, name, tuple(spec.shape),
-                                       stats.result(i, self.percentiles), edges[i]))
+                result = stats.result(i, levels[i])
+                result.update(histogram=histogram[i], underflow=int(underflow[i]),
+                              overflow=int(overflow[i]))
+                records.append(Record(phase, name, tuple(spec.shape), result, edges[i]))
         if logs is not None and self.log_scalars:
             logs.update(self._scalars(records))
         if self._writes:
@@ -443,9 +450,6 @@ class ActivationLogger(PlusCallback):
             f"({', '.join(self.phases)}) in {time.perf_counter() - start:.2f}s"
             + (f" to {self.h5_path}" if self._h5 is not None else "")
         )
-
-    def _placeholder_edges(self) -> np.ndarray:
-        return np.tile(np.linspace(-1.0, 1.0, self.bins + 1), (len(self._evaluator.names), 1))
 
     def _scalars(self, records: list[Record]) -> dict[str, float]:
         scalars = {}
@@ -472,18 +476,25 @@ class ActivationLogger(PlusCallback):
             if self._tensorboard is not None:
                 self._tensorboard.close()
         finally:
+            if self._h5 is not None:
+                self._h5.close()
             super().on_train_end(logs)
 
     # -- state
 
     def get_state(self) -> dict[str, Any]:
-        """The HDF5 run and the fixed bin edges, so that a resumed fit continues them."""
-        return {
-            "run": self._run,
-            "bin_edges": {phase: {name: [float(v) for v in edges] for name, edges in by.items()}
-                          for phase, by in self._edges.items()},
-        }
+        """The HDF5 run a resumed fit continues; small, with no side effects.
+
+        The edges it continues with are read back from that run's last
+        logged epoch, so no array goes into the state.
+        """
+        return {"run": self._run}
 
     def set_state(self, state: dict[str, Any], arrays=None, directory: str | None = None) -> None:
-        """Restores `get_state()`: the next fit appends to the same run with the same edges."""
-        self._restored = {"run": state.get("run"), "bin_edges": state.get("bin_edges", {})}
+        """Restores `get_state()`: the next fit appends to the same run, with its last edges.
+
+        `arrays` and `directory` are accepted and ignored (the state needs
+        neither); states of earlier versions, which also held the edges,
+        load too.
+        """
+        self._restored = {"run": state.get("run")}
