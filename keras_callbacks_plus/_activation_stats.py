@@ -47,6 +47,7 @@ import keras
 import numpy as np
 
 from keras_callbacks_plus import _activation_sketch as sketch_buckets
+from keras_callbacks_plus import distribute
 
 # Values per row of the device-side sums, and the sample's block size.
 ROW = 1024
@@ -139,14 +140,7 @@ def summarize(rows, sample, block_base, tail_rows, accumulator):
     (measured on CPU).
     """
     ops = keras.ops
-    if keras.backend.backend() == "tensorflow":
-        ones = ops.ones((ROW,), "float32")
-
-        def row_sum(values):
-            return ops.matmul(values, ones)
-    else:
-        def row_sum(values):
-            return ops.sum(values, axis=1)
+    row_sum = distribute.row_sums
     reductions = ops.stack([
         row_sum(rows), row_sum(ops.square(rows)),
         ops.min(rows, axis=1), ops.max(rows, axis=1),

@@ -153,20 +153,6 @@ def _build_extractor(model: keras.Model, paths: Sequence[str]) -> tuple[keras.Mo
 # ------------------------------------------------------------ evaluation
 
 
-def _graph_function(fn):
-    """`fn` traced once per input shape into the backend's graph.
-
-    `jax.jit` on JAX; on TensorFlow a `tf.function` without XLA: its CPU
-    convolutions (oneDNN) are several times faster than XLA's, and tracing a
-    model-sized graph takes seconds where XLA takes a minute.
-    """
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        return tf.function(fn)
-    return distribute.compile_function(fn)
-
-
 def _is_float(variable) -> bool:
     return "float" in str(variable.dtype)
 
@@ -188,7 +174,7 @@ class _Forward:
         self._non_trainable = list(extractor.non_trainable_variables)
         self._carried = [i for i, v in enumerate(self._non_trainable) if not _is_float(v)]
         if not captured:
-            self._function = _graph_function(fn)
+            self._function = distribute.graph_function(fn)
             return
 
         def run(x, carried, *args):
@@ -199,7 +185,7 @@ class _Forward:
             result, after = fn(trainable, non_trainable, x, *args)
             return result, [after[i] for i in self._carried]
 
-        self._function = _graph_function(run)
+        self._function = distribute.graph_function(run)
 
     def start(self, local: bool):
         """The state the first batch starts from (this worker's first replica if `local`)."""
@@ -228,7 +214,7 @@ class _Forward:
 # second call taking 150 outputs as arguments, or copying them in the graph,
 # cost a forward pass more per phase (measured on CPU).
 def _fused() -> bool:
-    return keras.backend.backend() == "tensorflow"
+    return distribute.STATISTICS_IN_FORWARD_GRAPH
 
 
 _summarize_functions: dict = {}
@@ -250,13 +236,11 @@ def _summarize_outputs(sample_values: int | None):
     Traced per model (its outputs' shapes): a few seconds for 150 outputs.
     """
     if sample_values not in _summarize_functions:
-        import tensorflow as tf
-
         def function(outputs, block_base, tail_rows, accumulator):
             rows, sample, _ = stage(outputs, sample_values)
             return summarize(rows, sample, block_base, tail_rows, accumulator)
 
-        _summarize_functions[sample_values] = tf.function(function, jit_compile=True)
+        _summarize_functions[sample_values] = distribute.inner_xla_function(function)
     return _summarize_functions[sample_values]
 
 
@@ -307,7 +291,7 @@ class Evaluator:
                 )
                 return summary_, non_trainable
 
-            captured = keras.backend.backend() == "tensorflow" and not local
+            captured = _fused() and not local
             self._forwards[key] = _Forward(extractor, run, captured)
         return self._forwards[key]
 

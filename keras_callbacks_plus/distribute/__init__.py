@@ -421,6 +421,28 @@ def compile_function(fn):
     return _backend.compile_function(fn)
 
 
+def graph_function(fn):
+    """`fn` traced once per input shape into the backend's graph: `jax.jit`, or `tf.function`
+    without XLA."""
+    return _backend.graph_function(fn)
+
+
+def inner_xla_function(fn):
+    """`fn` compiled by XLA as a part of a graph that is not (`tf.function(jit_compile=True)`
+    called inside a `tf.function`); no fallback."""
+    return _backend.inner_xla_function(fn)
+
+
+def row_sums(values):
+    """The sums of the rows of a (rows, n) float32 tensor, in the backend's fastest form."""
+    return _backend.row_sums(values)
+
+
+# Whether ActivationLogger runs its statistics inside the forward graph
+# (TensorFlow) or as a program after it (JAX).
+STATISTICS_IN_FORWARD_GRAPH: bool = _backend.STATISTICS_IN_FORWARD_GRAPH
+
+
 def skip_batches(model: keras.Model, count: int, logs: dict[str, float]) -> None:
     """Makes `model`'s next `count` training batches read but not trained.
 

@@ -231,6 +231,28 @@ def compile_function(fn):
     return run
 
 
+# ActivationLogger's forward stage is a graph that reads the weights itself and
+# runs the statistics program inside it, as one XLA cluster per batch.
+STATISTICS_IN_FORWARD_GRAPH = True
+
+
+def graph_function(fn):
+    """`tf.function(fn)` without XLA: its CPU convolutions (oneDNN) are several times faster
+    than XLA's, and tracing a model-sized graph takes seconds where XLA takes a minute."""
+    return tf.function(fn)
+
+
+def inner_xla_function(fn):
+    """`fn` as one XLA cluster to call inside another (non-XLA) graph."""
+    return tf.function(fn, jit_compile=True)
+
+
+def row_sums(values):
+    """The sums of the rows of a (rows, n) float32 tensor, as a product with a vector of ones:
+    TensorFlow's XLA runs that several times faster than a reduction (measured on CPU)."""
+    return keras.ops.matmul(values, keras.ops.ones((values.shape[1],), "float32"))
+
+
 def host_cpu_scope():
     """The context that places new variables on the host CPU."""
     return tf.device("/cpu:0")
