@@ -10,7 +10,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from helpers import assert_workers_succeeded
+from helpers import assert_workers_succeeded, s3_options
 
 from keras_callbacks_plus import (
     _activation_log,
@@ -781,43 +781,12 @@ def test_object_store_arguments_fail_in_the_constructor(tmp_path):
         ActivationLogger(probe, h5_path="nosuchproto://b/act.h5")
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A moto S3 server on 127.0.0.1 with a bucket; nothing leaves this host."""
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    import logging
-    import socket
-
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                            ("AWS_DEFAULT_REGION", "us-east-1"),
-                            ("AWS_EC2_METADATA_DISABLED", "true")]:
-            patch.setenv(name, value)
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
-        try:
-            endpoint = f"http://127.0.0.1:{port}"
-            import s3fs
-
-            s3fs.S3FileSystem(key="testing", secret="testing", skip_instance_cache=True,
-                              client_kwargs={"endpoint_url": endpoint,
-                                             "region_name": "us-east-1"}).call_s3(
-                "create_bucket", Bucket="kcp-activations")
-            yield endpoint
-        finally:
-            server.stop()
-
-
-def test_log_on_s3_and_the_report_from_its_url(s3_endpoint, tiny_model, tiny_data, tmp_path,
+def test_log_on_s3_and_the_report_from_its_url(s3_server, tiny_model, tiny_data, tmp_path,
                                                capsys):
-    options = {"key": "testing", "secret": "testing",
-               "client_kwargs": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"}}
-    url = "s3://kcp-activations/run/act.h5"
+    """On moto's S3 server (conftest.py's `s3_server`: 127.0.0.1, bucket `kcp-test`)."""
+    options = s3_options(s3_server)
+    s3_endpoint = options["client_kwargs"]["endpoint_url"]
+    url = "s3://kcp-test/activations/run/act.h5"
     logger = ActivationLogger(tiny_data[0][:32], layers=["hidden", "relu"], h5_path=url,
                               storage_options=options, phases=("test", "train"))
     assert _fit_with_a_reader(tiny_model, tiny_data, logger, url, options, epochs=2) == [
