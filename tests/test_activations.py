@@ -175,7 +175,7 @@ def test_statistics_equal_numpy_on_intermediate_outputs(tmp_path, tiny_model, ti
     probe = tiny_data[0][:48]  # batches of 32 and 16: the streaming merge and the row padding
     path = tmp_path / "act.h5"
     logger = ActivationLogger(probe, phases=("test",), percentiles=(0, 1, 50, 99, 100), bins=16,
-                              h5_path=path)
+                              h5_path=path, batch_size=32)
     _run_hooks(logger, model)
     expected = intermediate_outputs(model, None, probe)
     assert list(expected) == ["hidden", "bn", "relu", "dropout", "head"]
@@ -448,7 +448,8 @@ def test_dataset_probes_give_the_statistics_of_the_same_arrays(tmp_path, tiny_mo
 
     results = []
     for name, probe in [("arrays", x), ("pydataset", Batches())]:
-        _run_hooks(ActivationLogger(probe, layers="relu", h5_path=tmp_path / f"{name}.h5"), model)
+        _run_hooks(ActivationLogger(probe, layers="relu", h5_path=tmp_path / f"{name}.h5",
+                                    batch_size=32), model)  # the arrays in the dataset's batches
         results.append(read_activation_log(tmp_path / f"{name}.h5")[-1]["layers"]["test"]["relu"])
     for key in ("mean", "std", "zero_frac", "histogram", "percentiles"):
         np.testing.assert_array_equal(results[0][key], results[1][key])
