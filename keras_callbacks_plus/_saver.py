@@ -52,7 +52,7 @@ class Saver:
         layout model is built at the first save instead.
         """
         self._unprepared = None
-        if self.template_model is None and not model.weights:
+        if self.template_model is None and not model.built:
             self._unprepared = model
             return
         optimizer = getattr(model, "optimizer", None)
